@@ -1,0 +1,301 @@
+"""Typed configuration for deepmlf-fast.
+
+Every knob of a run lives in one of the dataclasses below; `RunConfig` groups them.
+Named recipes that fill them in live in `deepmlf_fast.presets`.
+
+The `parity` field of `ModelConfig` selects between the corrected default and the
+`official` mode that reproduces the released code's numerics. Every behaviour that
+differs between the two is a field of `ParityFlags`, and nothing else may differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from deepmlf_fast.errors import ConfigError
+
+ParityMode = Literal["corrected", "official"]
+DatasetName = Literal["mosi", "mosei", "sims"]
+
+
+@dataclass(frozen=True)
+class ParityFlags:
+    """The complete list of behaviours that differ between `corrected` and `official`.
+
+    README section "Parity mode" renders this table; tests assert that the two modes
+    differ in exactly these fields.
+    """
+
+    xattn_scale: Literal["head_dim", "model_dim"]
+    """Cross-attention softmax scale: 1/sqrt(head_dim) or the official 1/sqrt(D)."""
+    av_pooling: Literal["contiguous", "strided"]
+    """Pooling of raw AV frames to L_av: contiguous windows, or official frames t, t+L_av, ..."""
+    ffn_copy: Literal["weights_biases_lm_act", "weights_only_exact_gelu"]
+    """MM FFN init: copy weights and biases and use the LM's activation, or official
+    weights only (random biases) with exact-erf GELU for GPT-2."""
+    llama_ffn: Literal["swiglu", "additive"]
+    """Llama-family MM FFN: real SwiGLU down(act(gate) * up), or official down(act(gate) + up)."""
+    grad_accum: Literal["mean", "sum_drop_tail"]
+    """Gradient accumulation: average micro-batches and step on the tail, or official sum
+    and discard the trailing partial accumulation of every epoch."""
+    grad_clip: Literal["norm_all", "value_mm_only"]
+    """Clipping: global L2 norm over all trained parameters, or official element-wise
+    value clipping of the MM-side parameters only (stage 1: value clip per micro-batch)."""
+    weight_decay: Literal["exempt_norms_gates_tokens_biases", "exempt_biases_only"]
+    """Weight-decay groups: exempt biases, norms, gates, fusion tokens and BatchNorm, or
+    official (only biases exempt; stage 1 uses AdamW's default 0.01)."""
+    eval_precision: Literal["train", "bf16"]
+    """Evaluation precision: same as training, or official bf16 autocast at evaluation."""
+
+
+PARITY_FLAGS: dict[str, ParityFlags] = {
+    "corrected": ParityFlags(
+        xattn_scale="head_dim",
+        av_pooling="contiguous",
+        ffn_copy="weights_biases_lm_act",
+        llama_ffn="swiglu",
+        grad_accum="mean",
+        grad_clip="norm_all",
+        weight_decay="exempt_norms_gates_tokens_biases",
+        eval_precision="train",
+    ),
+    "official": ParityFlags(
+        xattn_scale="model_dim",
+        av_pooling="strided",
+        ffn_copy="weights_only_exact_gelu",
+        llama_ffn="additive",
+        grad_accum="sum_drop_tail",
+        grad_clip="value_mm_only",
+        weight_decay="exempt_biases_only",
+        eval_precision="bf16",
+    ),
+}
+
+
+def parity_flags(mode: str) -> ParityFlags:
+    """Return the `ParityFlags` of a mode name ('corrected' or 'official')."""
+    try:
+        return PARITY_FLAGS[mode]
+    except KeyError:
+        raise ConfigError(f"parity: expected one of {sorted(PARITY_FLAGS)}, found {mode!r}") from None
+
+
+@dataclass
+class AVEncoderConfig:
+    """Audiovisual encoder (reference §1.3): two 3-layer pre-norm encoders fused to d_model."""
+
+    audio_dim: int = 5
+    vision_dim: int = 20
+    d_model: int = 30
+    n_heads: int = 6
+    n_layers: int = 3
+    ff_mult: int = 4
+    dropout: float = 0.1
+    max_len: int = 50
+    """L_av: raw sequences are pooled to this many steps."""
+    p_perm: float = 0.2
+    """SoftPerm probability of replacing a channel by its time-shuffled copy (training only)."""
+    batch_norm_audio: bool = False
+    batch_norm_vision: bool = False
+    length_masks: bool = False
+    """Use per-sample audio/vision lengths to mask pooling, encoder attention and MM
+    cross-attention. The official code has no masks, so this is off in every recipe."""
+
+
+@dataclass
+class FusionConfig:
+    """Fusion tokens and MM blocks (reference §1.5-1.8)."""
+
+    n_tokens: int = 8
+    mm_layers: tuple[int, ...] = ()
+    """0-based LM blocks after which an MM block runs. Empty: derived from the backbone
+    (see `presets.scale_mm_layers`)."""
+    n_heads: int = 16
+    combine: bool = True
+    """MM FFN over all positions (True, every recipe) or over fusion positions only."""
+    gate: Literal["sigmoid", "tanh"] = "sigmoid"
+    gate_init: float = 0.0
+    ffn_gate_init: float = 0.0
+    dropout: float = 0.1
+    lora_rank: int = 0
+    """LoRA rank on the MM FFN (through peft); 0 trains the copied FFN fully."""
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    xattn_form: Literal["auto", "plain", "absorbed"] = "auto"
+    """Cross-attention evaluation order; all three compute the same function."""
+
+
+@dataclass
+class TextConfig:
+    """Transcript tokenisation and text augmentation."""
+
+    max_tokens: int = 50
+    """L: transcripts are truncated to L tokens; fusion tokens sit at positions L..L+n-1."""
+    seqaug: bool = False
+    """Text SoftPerm on token embeddings (GPT-2 recipes)."""
+    p_perm: float = 0.2
+    p_apply: float = 0.25
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (reference §2.1): L = task + w_fusion*L_f + w_av*L_av + w_text*L_t + w_clm*L_clm."""
+
+    w_fusion: float = 1.0
+    w_av: float = 1.0
+    w_text: float = 1.0
+    w_clm: float = 0.0
+    """gamma; 0 skips the LM head entirely."""
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a DeepMLF model around a backbone."""
+
+    backbone: str = "smollm2-135m"
+    av: AVEncoderConfig = field(default_factory=AVEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    head_hidden: int = 64
+    parity: str = "corrected"
+    text_prefix_no_grad: bool = True
+    """Run text rows below the first MM block without autograd (they cannot depend on
+    any trained parameter); exact, saves backward work and activation memory."""
+    backbone_dtype: Literal["float32", "bfloat16"] = "float32"
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    random_init: bool = False
+    """Build the backbone architecture with random weights (smoke tests, benchmarks)."""
+
+    @property
+    def flags(self) -> ParityFlags:
+        return parity_flags(self.parity)
+
+
+@dataclass
+class OptimConfig:
+    """Stage-2 (DeepMLF) optimisation (reference §2.5-2.7)."""
+
+    lr_mm: float = 1e-4
+    lr_av: float = 1e-4
+    weight_decay_mm: float = 0.001
+    weight_decay_av: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    batch_size: int = 32
+    grad_accum: int = 8
+    grad_clip: float = 5.0
+    warmup_epochs: float = 1.0
+    cosine_epochs: int = 150
+    """Cosine period in epochs (official `max_epochs`); warm restarts after it."""
+    eta_min: float = 1e-7
+    max_epochs: int = 200
+    """Hard cap on epochs; early stopping usually ends training first."""
+    early_stop: int = 30
+    key_metric: Literal["Loss", "MAE"] = "MAE"
+
+
+@dataclass
+class AVPretrainConfig:
+    """Stage 1: AV-encoder pretraining (`bienc`, reference §2.8)."""
+
+    enabled: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    grad_accum: int = 4
+    grad_clip: float = 1.0
+    plateau_patience: int = 10
+    early_stop: int = 8
+    max_epochs: int = 100
+    max_len: int | None = None
+    """L_av for stage 1 (SIMS pools to 39 there); None: same as stage 2."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and what it must look like."""
+
+    path: str | None = None
+    """MMSA .pkl or converted .npz; None: the embedded synthetic default."""
+    dataset: str = "mosi"
+    audio_dim: int | None = None
+    vision_dim: int | None = None
+    """Expected feature widths; None: the dataset's standard MMSA widths."""
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Run-level settings."""
+
+    output_dir: str = "runs/default"
+    seeds: tuple[int, ...] = (1990,)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    eval_batch_size: int = 64
+    log_every: int = 10
+    keep_checkpoints: bool = True
+    backend: Literal["auto", "triton", "reference"] = "auto"
+    """Attention op backend: Triton on CUDA, the PyTorch reference elsewhere."""
+
+
+@dataclass
+class RunConfig:
+    """A complete, serialisable description of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: AVPretrainConfig = field(default_factory=AVPretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return _from_dict(cls, d, "config")
+
+
+def _from_dict(cls, d: Any, where: str):
+    """Rebuild a (nested) dataclass from a dict, rejecting unknown keys by name."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, found {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
+    kwargs = {}
+    hints = _resolved_types(cls)
+    for name, value in d.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _from_dict(typ, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolved_types(cls) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def replace(obj, **changes):
+    """`dataclasses.replace` that names the offending field when one does not exist."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    bad = sorted(set(changes) - names)
+    if bad:
+        raise ConfigError(f"{type(obj).__name__}: unknown field(s) {bad}")
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,217 @@
+"""Causal (or full) attention over packed variable-length sequences.
+
+Public op: `varlen_attention` (packed, `cu_seqlens` layout, FlashAttention's API) and
+`padded_attention` (the `[B, H, L, d]` + key-padding-mask layout Hugging Face passes),
+which unpads and routes to the same op.
+
+`varlen_attention_reference` is the plain PyTorch reference with the same signature:
+the CPU path and the test oracle. The Triton path lives in
+`deepmlf_fast.kernels.attention` and is chosen on CUDA (see `resolve_backend`).
+
+Semantics shared by every backend:
+* sample b owns query rows `cu_seqlens_q[b]:cu_seqlens_q[b+1]` and key rows
+  `cu_seqlens_k[b]:cu_seqlens_k[b] + used_k[b]`, where `used_k = seqused_k` if given,
+  else the length from `cu_seqlens_k`;
+* causal masking is bottom-right aligned: query i of a sample with Lq queries and Lk
+  keys sees key j iff j <= i + (Lk - Lq) (FlashAttention >= 2.1 convention), so a
+  query block that continues a key prefix sees the prefix;
+* grouped-query attention: query head h reads key/value head h // (Hq // Hkv);
+* a query row that sees no key outputs zeros and receives zero gradients (never NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from deepmlf_fast.ops.dispatch import resolve_backend
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seqused_k: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over packed sequences.
+
+    Args:
+        q: `(Nq, Hq, d)` queries of all samples, concatenated.
+        k, v: `(Nk, Hkv, d)` keys / values, Hq % Hkv == 0.
+        cu_seqlens_q, cu_seqlens_k: `(B+1,)` int32 start offsets (last entry = total rows).
+        max_seqlen_q, max_seqlen_k: Python ints bounding the per-sample lengths.
+        causal: bottom-right aligned causal mask when True.
+        scale: softmax scale, default `1/sqrt(d)`.
+        dropout_p: dropout on attention probabilities (pass 0.0 at evaluation).
+        seqused_k: optional `(B,)` int32 number of valid keys per sample (<= its span).
+        backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+
+    Returns:
+        `(Nq, Hq, d)` attention output in q's dtype.
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    if resolve_backend(backend, q) == "triton":
+        from deepmlf_fast.kernels.attention import varlen_attention_triton
+
+        return varlen_attention_triton(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            causal=causal, scale=scale, dropout_p=dropout_p, seqused_k=seqused_k,
+        )
+    return varlen_attention_reference(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=causal, scale=scale, dropout_p=dropout_p, seqused_k=seqused_k,
+    )
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seqused_k: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch `varlen_attention`: pad, masked SDPA (or explicit softmax), unpad.
+
+    `dropout_mask`, when given, is a `(B, Hq, max_seqlen_q, max_seqlen_k)` bool keep-mask
+    applied instead of random dropout (tests use it to replay a kernel's dropout).
+    """
+    n_q, hq, d = q.shape
+    hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bsz = cu_seqlens_q.numel() - 1
+    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    span_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    lens_k = span_k if seqused_k is None else seqused_k.long()
+
+    b_q, pos_q = _rows_to_padded(cu_seqlens_q, lens_q, n_q)
+    b_k, pos_k = _rows_to_padded(cu_seqlens_k, span_k, k.shape[0])
+    qp = q.new_zeros(bsz, max_seqlen_q, hq, d).index_put((b_q, pos_q), q)
+    kp = k.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((b_k, pos_k), k)
+    vp = v.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((b_k, pos_k), v)
+    qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, L, d)
+    if hkv != hq:
+        kp = kp.repeat_interleave(hq // hkv, dim=1)
+        vp = vp.repeat_interleave(hq // hkv, dim=1)
+
+    i = torch.arange(max_seqlen_q, device=q.device)
+    j = torch.arange(max_seqlen_k, device=q.device)
+    visible = j[None, None, :] < lens_k[:, None, None]  # (B, 1, Lk)
+    if causal:
+        offset = (lens_k - lens_q)[:, None, None]
+        visible = visible & (j[None, None, :] <= i[None, :, None] + offset)  # (B, Lq, Lk)
+    visible = visible.expand(bsz, max_seqlen_q, max_seqlen_k)
+    has_key = visible.any(-1)  # (B, Lq)
+    # A row with no visible key would make softmax NaN in forward and backward; let it
+    # see key 0 and zero its output instead, so its gradient is exactly zero.
+    safe = visible.clone()
+    safe[..., 0] |= ~has_key
+    mask = safe[:, None]  # (B, 1, Lq, Lk)
+
+    if dropout_mask is not None:
+        s = torch.matmul(qp.float(), kp.float().transpose(-1, -2)) * scale
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+        out = torch.matmul(p.to(vp.dtype), vp)
+    else:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = out * has_key[:, None, :, None].to(out.dtype)
+    return out.transpose(1, 2)[b_q, pos_q]  # (Nq, Hq, d)
+
+
+def padded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention in the padded layout Hugging Face uses, routed through `varlen_attention`.
+
+    Args:
+        q: `(B, Hq, Lq, d)`; k, v: `(B, Hkv, Lk, d)`.
+        key_padding_mask: `(B, Lk)` bool/int, True/1 = real token, or None (no padding).
+            Padding may sit on either side; query row i of a sample is aligned with
+            key row i + (Lk - Lq) (the KV-cache convention).
+    Returns:
+        `(B, Lq, Hq, d)`; rows of padded queries are zeros.
+    """
+    bsz, hq, lq, d = q.shape
+    lk = k.shape[2]
+    if key_padding_mask is None:
+        keep_k = torch.ones(bsz, lk, dtype=torch.bool, device=q.device)
+    else:
+        if key_padding_mask.shape != (bsz, lk):
+            raise ValueError(
+                f"key_padding_mask: expected shape {(bsz, lk)}, found {tuple(key_padding_mask.shape)}"
+            )
+        keep_k = key_padding_mask.bool()
+    keep_q = keep_k[:, lk - lq:]
+    lens_q = keep_q.sum(1, dtype=torch.int32)
+    lens_k = keep_k.sum(1, dtype=torch.int32)
+    cu_q = F.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+    qt = q.transpose(1, 2)[keep_q]  # (Nq, Hq, d)
+    kt = k.transpose(1, 2)[keep_k]
+    vt = v.transpose(1, 2)[keep_k]
+    out = varlen_attention(
+        qt, kt, vt, cu_q, cu_k, lq, lk,
+        causal=causal, scale=scale, dropout_p=dropout_p, backend=backend,
+    )
+    full = out.new_zeros(bsz, lq, hq, d)
+    full[keep_q] = out
+    return full
+
+
+def _rows_to_padded(cu_seqlens: torch.Tensor, lens: torch.Tensor, n_rows: int):
+    """Map packed rows to (sample, position) pairs. Rows past the last span map nowhere."""
+    bsz = lens.numel()
+    b = torch.repeat_interleave(torch.arange(bsz, device=lens.device), lens, output_size=n_rows)
+    pos = torch.arange(n_rows, device=lens.device) - cu_seqlens.long()[b]
+    return b, pos
+
+
+def _check_varlen(q, k, v, cu_q, cu_k, seqused_k) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"varlen_attention: q, k, v must be (N, H, d); found {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"varlen_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"varlen_attention: head dims differ: q has {q.shape[2]}, k has {k.shape[2]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"varlen_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
+        )
+    if cu_q.shape != cu_k.shape or cu_q.dim() != 1:
+        raise ValueError(
+            f"varlen_attention: cu_seqlens_q and cu_seqlens_k must both be (B+1,); "
+            f"found {tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
+        )
+    if seqused_k is not None and seqused_k.shape != (cu_q.numel() - 1,):
+        raise ValueError(
+            f"varlen_attention: seqused_k must be ({cu_q.numel() - 1},), found {tuple(seqused_k.shape)}"
+        )

@@ -1,0 +1,47 @@
+"""Backend choice shared by every op: Triton on CUDA, the PyTorch reference elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when `triton` imports (it is an optional dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on CPU tensors through `TRITON_INTERPRET=1`."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Map 'auto' | 'triton' | 'reference' to the backend that will run for `tensor`.
+
+    'auto' picks Triton for CUDA tensors when Triton is installed, else the reference.
+    'triton' on CPU tensors is only valid under `TRITON_INTERPRET=1` (tests).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, found {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "reference"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package (pip install deepmlf-fast[triton])")
+    if not tensor.is_cuda and not triton_interpreted():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before deepmlf_fast.kernels "
+            "is imported; use backend='reference' or 'auto' on CPU"
+        )
+    return "triton"
