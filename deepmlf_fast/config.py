@@ -227,6 +227,9 @@ class DataConfig:
     vision_dim: int | None = None
     """Expected feature widths; None: the dataset's standard MMSA widths."""
     num_workers: int = 0
+    synthetic_sizes: tuple[int, int, int] = (600, 150, 300)
+    """train/valid/test sizes of the embedded synthetic data used when `path` is None."""
+    synthetic_seed: int = 0
 
 
 @dataclass
@@ -242,6 +245,8 @@ class TrainConfig:
     keep_checkpoints: bool = True
     backend: Literal["auto", "triton", "reference"] = "auto"
     """Attention op backend: Triton on CUDA, the PyTorch reference elsewhere."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config; None trains in one process without DeepSpeed."""
 
 
 @dataclass

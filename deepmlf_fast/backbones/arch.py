@@ -1,0 +1,105 @@
+"""One table per decoder architecture: where its parts live inside a Hugging Face model.
+
+DeepMLF needs to reach into a frozen causal LM: its token embedding, position
+handling, decoder blocks, FFN weights (to initialise MM-block FFNs), final norm and
+LM head. `ArchSpec` states those locations declaratively, so supporting another
+family is one more table entry, not string tests scattered through the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from deepmlf_fast.errors import BackboneError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Locations and conventions of one decoder family (attribute paths from the CausalLM)."""
+
+    family: Literal["gpt2", "llama"]
+    base: str
+    """Attribute of the CausalLM holding the base model."""
+    layers: str
+    embed_tokens: str
+    position_table: str | None
+    """Learned absolute position table (GPT-2 `wpe`), or None for rotary models."""
+    rotary: str | None
+    final_norm: str
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps_attr: str
+    ffn: Literal["mlp", "swiglu"]
+    ffn_paths: tuple[str, ...]
+    """Inside a decoder block: (fc_in, fc_out) for `mlp`, (gate, up, down) for `swiglu`."""
+    ffn_conv1d: bool
+    """True when FFN weights use HF `Conv1D` layout (in, out) instead of `nn.Linear` (out, in)."""
+    act_attr: str
+    embed_dropout_attr: str | None
+    mm_ffn_dropout: bool
+    """Whether the MM FFN ends with dropout (the official GPT-flavour MLP does, Llama's does not)."""
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        family="gpt2",
+        base="transformer",
+        layers="h",
+        embed_tokens="wte",
+        position_table="wpe",
+        rotary=None,
+        final_norm="ln_f",
+        norm="layernorm",
+        norm_eps_attr="layer_norm_epsilon",
+        ffn="mlp",
+        ffn_paths=("mlp.c_fc", "mlp.c_proj"),
+        ffn_conv1d=True,
+        act_attr="activation_function",
+        embed_dropout_attr="embd_pdrop",
+        mm_ffn_dropout=True,
+    ),
+    "llama": ArchSpec(
+        family="llama",
+        base="model",
+        layers="layers",
+        embed_tokens="embed_tokens",
+        position_table=None,
+        rotary="rotary_emb",
+        final_norm="norm",
+        norm="rmsnorm",
+        norm_eps_attr="rms_norm_eps",
+        ffn="swiglu",
+        ffn_paths=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        ffn_conv1d=False,
+        act_attr="hidden_act",
+        embed_dropout_attr=None,
+        mm_ffn_dropout=False,
+    ),
+}
+
+MODEL_TYPES: dict[str, str] = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+}
+"""HF `config.model_type` -> ARCHS key. Mistral and Qwen2 share Llama's layout."""
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    """Return the ArchSpec of an HF `model_type`, or a BackboneError listing supported ones."""
+    try:
+        return ARCHS[MODEL_TYPES[model_type]]
+    except KeyError:
+        raise BackboneError(
+            f"backbone architecture: model_type {model_type!r} is not supported; "
+            f"supported model types are {sorted(MODEL_TYPES)}"
+        ) from None
+
+
+def get_path(root, path: str):
+    """Follow a dotted attribute path ('mlp.c_fc') from `root`."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj

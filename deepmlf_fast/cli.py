@@ -1,0 +1,273 @@
+"""`deepmlf` command line: train | eval | predict | make-synthetic | convert-data | presets.
+
+    deepmlf train                                   # embedded default: synthetic MOSI + SmolLM2-135M
+    deepmlf train --data unaligned_50.pkl --dataset mosi --backbone gpt2 --output-dir runs/mosi
+    deepmlf train --preset mosei-gpt2-large --data mosei/unaligned_50.pkl
+    deepmlf eval --run runs/mosi [--data other.pkl] [--split test]
+    deepmlf predict --run runs/mosi --out predictions.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from deepmlf_fast.errors import DeepMLFError
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to train")
+    g.add_argument("--data", help="MMSA .pkl (trusted sources only) or converted .npz; default: embedded synthetic data")
+    g.add_argument("--dataset", choices=["mosi", "mosei", "sims"], help="dataset the file holds (default mosi)")
+    g.add_argument("--preset", help="a named recipe (see `deepmlf presets`); default: the dataset's released recipe, "
+                                    "or `demo` without --data")
+    g.add_argument("--backbone", help="backbone preset (tiny-gpt2, tiny-llama, smollm2-135m, gpt2, gpt2-large, "
+                                      "gpt2-chinese, smollm2-1.7b, llama-7b), a local checkpoint dir, or a cached hub id")
+    g.add_argument("--config", help="JSON file with a full RunConfig (written by a previous run as config.json)")
+    g = p.add_argument_group("overrides")
+    g.add_argument("--output-dir", help="run directory (default runs/<preset>)")
+    g.add_argument("--epochs", type=int, help="maximum stage-2 epochs")
+    g.add_argument("--pretrain-epochs", type=int, help="maximum stage-1 (AV encoder) epochs")
+    g.add_argument("--no-pretrain", action="store_true", help="skip stage 1 (AV encoder from scratch)")
+    g.add_argument("--seeds", type=int, nargs="+", help="one run per seed; results report mean and std")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--grad-accum", type=int)
+    g.add_argument("--lr", type=float, help="learning rate of both parameter sides")
+    g.add_argument("--mm-layers", help="comma-separated 0-based LM blocks followed by an MM block")
+    g.add_argument("--fusion-tokens", type=int)
+    g.add_argument("--parity", choices=["corrected", "official"], help="reproduce the official code's numerics")
+    g.add_argument("--precision", choices=["fp32", "bf16"])
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--backend", choices=["auto", "triton", "reference"], help="attention op backend")
+    g.add_argument("--av-length-masks", action="store_true", help="use per-sample AV lengths (masks)")
+    g.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen backbone to LLM.int8")
+    g.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen backbone to NF4")
+    g.add_argument("--random-init", action="store_true", help="backbone architecture with random weights")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    g.add_argument("--overwrite", action="store_true", help="delete --output-dir first")
+
+
+def run_config_from_args(args: argparse.Namespace):
+    """Build the RunConfig a `train` invocation asks for (preset, then overrides)."""
+    from deepmlf_fast.config import RunConfig
+    from deepmlf_fast.errors import ConfigError
+    from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset, resolve_backbone_dims
+
+    if args.config:
+        cfg = RunConfig.from_dict(json.loads(Path(args.config).read_text()))
+    elif args.preset:
+        cfg = recipe(args.preset)
+    elif args.data is None:
+        cfg = recipe("demo")
+    else:
+        cfg = recipe_for_dataset(args.dataset or "mosi")
+    if args.dataset and args.dataset != cfg.data.dataset:
+        if args.preset or args.config:
+            raise ConfigError(f"--dataset {args.dataset} contradicts the preset's dataset {cfg.data.dataset}")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=args.dataset))
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
+    if args.backbone and args.backbone != cfg.model.backbone:
+        n_layers, hidden = resolve_backbone_dims(args.backbone)
+        cfg = adapt_to_backbone(cfg, args.backbone, n_layers, hidden)
+
+    m, o, t, pre = cfg.model, cfg.optim, cfg.train, cfg.pretrain
+    if args.mm_layers:
+        m = dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, mm_layers=_int_list(args.mm_layers)))
+    if args.fusion_tokens:
+        m = dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, n_tokens=args.fusion_tokens))
+    if args.parity:
+        m = dataclasses.replace(m, parity=args.parity)
+    if args.av_length_masks:
+        m = dataclasses.replace(m, av=dataclasses.replace(m.av, length_masks=True))
+    m = dataclasses.replace(
+        m, load_in_8bit=args.load_in_8bit or m.load_in_8bit, load_in_4bit=args.load_in_4bit or m.load_in_4bit,
+        random_init=args.random_init or m.random_init,
+    )
+    if args.epochs is not None:
+        o = dataclasses.replace(o, max_epochs=args.epochs)
+    for field, value in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)):
+        if value is not None:
+            o = dataclasses.replace(o, **{field: value})
+    if args.lr is not None:
+        o = dataclasses.replace(o, lr_mm=args.lr, lr_av=args.lr)
+    if args.pretrain_epochs is not None:
+        pre = dataclasses.replace(pre, max_epochs=args.pretrain_epochs)
+    if args.no_pretrain:
+        pre = dataclasses.replace(pre, enabled=False)
+    for field, value in (("precision", args.precision), ("device", args.device), ("backend", args.backend)):
+        if value is not None:
+            t = dataclasses.replace(t, **{field: value})
+    if args.seeds:
+        t = dataclasses.replace(t, seeds=tuple(args.seeds))
+    if args.output_dir:
+        t = dataclasses.replace(t, output_dir=args.output_dir)
+    elif not args.config:
+        t = dataclasses.replace(t, output_dir=f"runs/{args.preset or ('demo' if args.data is None else cfg.data.dataset)}")
+    return dataclasses.replace(cfg, model=m, optim=o, train=t, pretrain=pre)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    from deepmlf_fast.errors import ConfigError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--mm-layers: expected comma-separated integers like 3,5,7, found {text!r}") from None
+
+
+def cmd_train(args) -> int:
+    from deepmlf_fast.train.run import train_run
+
+    cfg = run_config_from_args(args)
+    train_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"results: {Path(cfg.train.output_dir) / 'results.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
+    from deepmlf_fast.train.checkpoint import write_json
+    from deepmlf_fast.train.evaluate import evaluate
+    from deepmlf_fast.train.run import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    session, model = load_run(args.run, device, args.seed, args.data)
+    cfg = session.cfg
+    bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
+    metrics = evaluate(model, session.loader(args.split, cfg.train.eval_batch_size, False), cfg.data.dataset,
+                       device, bf16, desc=args.split)
+    print(format_metrics({k: metrics[k] for k in METRIC_KEYS[cfg.data.dataset]}))
+    out = Path(args.run) / f"eval_{args.split}.json"
+    write_json(out, {"split": args.split, "data": session.data.source, "metrics": metrics})
+    print(f"written {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from deepmlf_fast.fileio import atomic_path
+    from deepmlf_fast.train.evaluate import predict
+    from deepmlf_fast.train.run import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    session, model = load_run(args.run, device, args.seed, args.data)
+    cfg = session.cfg
+    bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
+    p = predict(model, session.loader(args.split, cfg.train.eval_batch_size, False), device, bf16, desc=args.split)
+    ids = session.data.split(args.split).ids
+    out = Path(args.out or Path(args.run) / f"predictions_{args.split}.csv")
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label", "pred", "pred_text", "pred_av", "pred_fusion"])
+        for i in range(len(p["pred"])):
+            w.writerow([ids[int(p["index"][i])], f"{p['labels'][i]:.6g}", f"{p['pred'][i]:.6g}",
+                        f"{p['pred_text'][i]:.6g}", f"{p['pred_av'][i]:.6g}", f"{p['pred_fusion'][i]:.6g}"])
+    print(f"written {out} ({len(p['pred'])} rows)")
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from deepmlf_fast.data import make_synthetic
+
+    path = make_synthetic(args.out, args.dataset, args.n_train, args.n_valid, args.n_test, aligned=args.aligned,
+                          seed=args.seed, fmt=args.format)
+    print(f"written {path}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from deepmlf_fast.data import convert_pickle
+
+    print(f"written {convert_pickle(args.src, args.dst, args.dataset)}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from deepmlf_fast.backbones.registry import BACKBONES
+    from deepmlf_fast.presets import RECIPES
+
+    print("recipes (--preset):")
+    for name in RECIPES:
+        cfg = RECIPES[name]()
+        f = cfg.model.fusion
+        print(f"  {name:20s} dataset={cfg.data.dataset:5s} backbone={cfg.model.backbone:14s} "
+              f"fusion_tokens={f.n_tokens} mm_layers={list(f.mm_layers)}")
+    print("backbones (--backbone):")
+    for name, b in BACKBONES.items():
+        print(f"  {name:14s} {b.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepmlf", description="DeepMLF multimodal sentiment analysis")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train DeepMLF (both curriculum stages, every seed)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    for name, func, helptext in (("eval", cmd_eval, "metrics of a trained run"),
+                                 ("predict", cmd_predict, "write predictions of a trained run to CSV")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", required=True, help="run directory written by `deepmlf train`")
+        p.add_argument("--data", help="data file (default: the run's own)")
+        p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+        p.add_argument("--seed", type=int, help="which seed's model (default: the first)")
+        p.add_argument("--device", default="auto")
+        if name == "predict":
+            p.add_argument("--out", help="CSV path (default RUN/predictions_<split>.csv)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("make-synthetic", help="write MMSA-format synthetic data with real transcripts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", default="mosi", choices=["mosi", "mosei", "sims"])
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-valid", type=int)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--aligned", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["pkl", "npz"], default="pkl")
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser("convert-data", help="convert an MMSA pickle to the safe .npz format")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dataset", required=True, choices=["mosi", "mosei", "sims"])
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("presets", help="list recipes and backbones")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    for noisy in ("transformers", "DeepSpeed", "deepspeed", "torch", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `deepmlf` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        return args.func(args)
+    except DeepMLFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Optimisation engines: what happens between `loss` and the next optimiser step.
+
+`PlainEngine` runs in one process; `deepmlf_fast.train.deepspeed_engine.DeepSpeedEngine`
+offers the same interface on top of a DeepSpeed engine. The training loops only call
+`backward`, `maybe_step`, `end_epoch`, `steps_per_epoch`, `state_dict`/`load_state_dict`.
+
+Accumulation and clipping follow the parity flags:
+* corrected: the loss of each micro-batch is divided by the accumulation count (the
+  gradient is a mean); a trailing partial accumulation at the end of an epoch is rescaled
+  to the mean of the micro-batches it saw and stepped; clipping is by global L2 norm over
+  every trained parameter, once per optimiser step;
+* official: gradients of micro-batches are summed; a trailing partial accumulation is
+  discarded; clipping is element-wise by value on the MM-side parameters only, once per
+  step (stage 2), or on all parameters after every micro-batch (stage 1, `clip_every_micro`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepmlf_fast.config import ParityFlags
+
+
+class PlainEngine:
+    """Single-process engine around a torch optimizer and LR scheduler."""
+
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        *,
+        accum: int,
+        clip: float,
+        flags: ParityFlags,
+        value_clip_params: list[torch.nn.Parameter] | None = None,
+        clip_every_micro: bool = False,
+    ):
+        self.params = params
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accum = max(1, accum)
+        self.clip = clip
+        self.mean = flags.grad_accum == "mean"
+        self.by_norm = flags.grad_clip == "norm_all"
+        self.value_clip_params = value_clip_params if value_clip_params is not None else params
+        self.clip_every_micro = clip_every_micro and not self.by_norm
+        self.micro = 0
+        self.steps = 0
+
+    def steps_per_epoch(self, n_batches: int) -> int:
+        """Optimiser steps one epoch of `n_batches` micro-batches makes."""
+        if self.mean:
+            return math.ceil(n_batches / self.accum)
+        return n_batches // self.accum
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss."""
+        (loss / self.accum if self.mean else loss).backward()
+        self.micro += 1
+        if self.clip_every_micro and self.clip > 0:
+            torch.nn.utils.clip_grad_value_(self.value_clip_params, self.clip)
+
+    def maybe_step(self) -> bool:
+        """Step when `accum` micro-batches have accumulated; True if a step happened."""
+        if self.micro < self.accum:
+            return False
+        self._step()
+        return True
+
+    def end_epoch(self) -> bool:
+        """Handle a trailing partial accumulation (step on its mean, or drop it)."""
+        if self.micro == 0:
+            return False
+        if not self.mean:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.micro = 0
+            return False
+        scale = self.accum / self.micro
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self._step()
+        return True
+
+    def _step(self) -> None:
+        if self.clip > 0 and not self.clip_every_micro:
+            if self.by_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            else:
+                torch.nn.utils.clip_grad_value_(self.value_clip_params, self.clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro = 0
+        self.steps += 1
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]

@@ -1,0 +1,88 @@
+"""Stage 2: train DeepMLF with early stopping on the validation key metric.
+
+Every epoch ends with a validation pass, a best-checkpoint write when the key metric
+improved (by more than 1e-6, like the official trainer), and a resume point, so an
+interrupted run continues from its last completed epoch. Training stops after
+`early_stop` epochs without improvement or at `max_epochs`, then the best weights are
+reloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deepmlf_fast.config import RunConfig
+from deepmlf_fast.model.losses import deepmlf_loss
+from deepmlf_fast.train.checkpoint import TrainState, load_resume, load_weights, save_resume, save_weights, set_rng_state
+from deepmlf_fast.train.evaluate import autocast, evaluate, model_inputs
+
+log = logging.getLogger(__name__)
+
+
+def train_epoch(model, engine, loader, cfg: RunConfig, device: torch.device, epoch: int) -> dict[str, float]:
+    """One pass over the training loader; -> mean of each loss part."""
+    model.train()
+    bf16 = cfg.train.precision == "bf16"
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+    for batch in bar:
+        batch = batch.to(device)
+        with autocast(device, bf16):
+            out = model(**model_inputs(batch))
+        loss, parts = deepmlf_loss(out, batch.labels, cfg.model.loss)
+        engine.backward(loss)
+        engine.maybe_step()
+        parts["total"] = loss.detach()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0) + v
+        n += 1
+        if n % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{float(sums['total']) / n:.4f}", lr=f"{engine.lr:.2e}")
+    engine.end_epoch()
+    return {k: float(v) / max(n, 1) for k, v in sums.items()}
+
+
+def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, device: torch.device) -> TrainState:
+    """Train until early stopping; leaves the best weights loaded. Resumes from
+    `seed_dir/last` when it exists."""
+    key = cfg.optim.key_metric
+    eval_bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
+    state = TrainState()
+    last, best_path = seed_dir / "last", seed_dir / "best.safetensors"
+    if last.exists():
+        model_state, engine_state, rng, state = load_resume(last)
+        model.load_trained_state_dict(model_state)
+        engine.load_state_dict(engine_state)
+        set_rng_state(rng)
+        log.info("resuming from %s after epoch %d (best %s %.4f at epoch %d)", last, state.epoch, key,
+                 state.best_metric, state.best_epoch + 1)
+    while state.epoch < cfg.optim.max_epochs and not _stopped(state, cfg.optim.early_stop):
+        start = time.time()
+        train = train_epoch(model, engine, loaders["train"], cfg, device, state.epoch)
+        valid = evaluate(model, loaders["valid"], cfg.data.dataset, device, eval_bf16, desc="valid")
+        improved = valid[key] < state.best_metric - 1e-6
+        if improved:
+            state.best_metric, state.best_epoch = valid[key], state.epoch
+            save_weights(model.trained_state_dict(), best_path)
+        state.history.append({"epoch": state.epoch + 1, "train": train, "valid": valid, "lr": engine.lr})
+        state.epoch += 1
+        save_resume(last, model.trained_state_dict(), engine.state_dict(), state)
+        shown = "".join(f" {k} {valid[k]:.4f}" for k in dict.fromkeys((key, "MAE", "Corr")))
+        log.info(
+            "epoch %d | train loss %.4f | valid%s%s | lr %.2e | %.0fs",
+            state.epoch, train["total"], shown, " *" if improved else "", engine.lr, time.time() - start,
+        )
+    model.load_trained_state_dict(load_weights(best_path))
+    log.info("best %s %.4f at epoch %d", key, state.best_metric, state.best_epoch + 1)
+    return state
+
+
+def _stopped(state: TrainState, patience: int) -> bool:
+    """Official rule: stop once the last finished epoch is `patience` epochs past the best."""
+    return state.epoch > 0 and (state.epoch - 1) - state.best_epoch >= patience

@@ -1,0 +1,83 @@
+"""AdamW parameter groups and the warmup + cosine schedule (reference §2.5-2.6).
+
+Groups: {MM side, AV side} x {decay, no decay}. The MM side holds everything trained
+outside the AV encoder (MM blocks, fusion tokens, heads, AV LayerNorm). Which parameters
+skip weight decay is a parity flag: the corrected default exempts biases, norm weights
+(LayerNorm / RMSNorm / BatchNorm), gates and fusion tokens; the official code exempts only
+parameters whose name contains "bias".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from deepmlf_fast.config import OptimConfig, ParityFlags
+
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d)
+
+
+def no_decay_names(model: nn.Module, flags: ParityFlags) -> set[str]:
+    """Names of trainable parameters that get no weight decay under `flags`."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    if flags.weight_decay == "exempt_biases_only":
+        return {n for n, p in model.named_parameters() if p.requires_grad and "bias" in n}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            names |= {f"{mod_name}.{n}" for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    names |= {n for n, p in model.named_parameters() if p.requires_grad and (n.split(".")[-1].startswith("alpha_") or n == "fusion_tokens")}
+    return names
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, flags: ParityFlags, av_prefix: str = "av_encoder.") -> list[dict]:
+    """The four AdamW groups; each carries a `name` ('mm_decay', 'mm_no_decay', 'av_decay', 'av_no_decay')."""
+    exempt = no_decay_names(model, flags)
+    groups = {k: [] for k in ("mm_decay", "mm_no_decay", "av_decay", "av_no_decay")}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        side = "av" if name.startswith(av_prefix) else "mm"
+        groups[f"{side}_{'no_decay' if name in exempt else 'decay'}"].append(p)
+    spec = {
+        "mm_decay": (cfg.lr_mm, cfg.weight_decay_mm), "mm_no_decay": (cfg.lr_mm, 0.0),
+        "av_decay": (cfg.lr_av, cfg.weight_decay_av), "av_no_decay": (cfg.lr_av, 0.0),
+    }
+    return [
+        {"name": k, "params": v, "lr": spec[k][0], "weight_decay": spec[k][1]}
+        for k, v in groups.items() if v
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, flags: ParityFlags) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the recipe's betas and eps."""
+    return torch.optim.AdamW(param_groups(model, cfg, flags), betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, period: int, eta_min: float):
+    """LambdaLR reproducing the official SequentialLR(LinearWarmup, CosineAnnealingWarmRestarts):
+    step s < W: lr = base * s / W (the first step uses lr 0); afterwards cosine from base to
+    `eta_min` over `period` steps, restarting every period."""
+    period = max(period, 1)
+
+    def factor(base: float):
+        floor = min(eta_min / base, 1.0) if base > 0 else 0.0
+
+        def f(step: int) -> float:
+            if step < warmup_steps:
+                return step / warmup_steps
+            t = (step - warmup_steps) % period
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t / period))
+
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
+
+
+def schedule_for(optimizer, cfg: OptimConfig, steps_per_epoch: int):
+    """The stage-2 schedule: warmup for `warmup_epochs`, then cosine with the official period
+    `(cosine_epochs + 1) * steps_per_epoch - warmup_steps`."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    period = (cfg.cosine_epochs + 1) * steps_per_epoch - warmup
+    return warmup_cosine(optimizer, warmup, period, cfg.eta_min)

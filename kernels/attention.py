@@ -1,0 +1,570 @@
+"""Variable-length FlashAttention-2 in Triton: forward, backward, dropout, GQA.
+
+One kernel family for packed sequences (`cu_seqlens` layout) sized for short rows: the
+LM self-attention at T ~ 70 and the fusion-token cross-attention (F = 8-20 queries
+against L = 50-500 keys). Semantics are those of `deepmlf_fast.ops.attention`; this file
+holds the kernels, their launchers and the `torch.library` registration.
+
+Supports
+* packed q `(Nq, Hq, d)`, k/v `(Nk, Hkv, d)` with any strides (Hugging Face's transposed
+  views are read in place), `cu_seqlens_q/k` `(B+1,)` int32, optional `seqused_k` `(B,)`;
+* causal masking aligned bottom-right (query i sees key j iff j <= i + Lk - Lq) or none;
+* grouped/multi-query attention, Hq % Hkv == 0 (query head h reads kv head h // (Hq/Hkv));
+* head dims 1..256 through `BLOCK_D = next_pow2(max(d, 16))` and masked loads
+  (30 for the absorbed cross-attention, 48, 64, 80, 128 in the presets);
+* fp32 / bf16 / fp16 inputs, fp32 softmax and accumulation. bf16/fp16 dots run on tensor
+  cores; fp32 dots use IEEE fp32, not TF32 (correct, and several times slower);
+* dropout on the attention probabilities from in-kernel Philox: element (b, h, i, j) draws
+  `tl.rand(seed, ((b*Hq + h)*max_seqlen_q + i)*max_seqlen_k + j)`, with the seed read from
+  a 1-element int64 tensor (CUDA-graph friendly). Backward regenerates the same bits, and
+  `attention_dropout_mask` materialises them for tests;
+* rows with no visible key (empty sample, `seqused_k` = 0, causal offset < 0) output 0,
+  store lse = +inf, and get zero gradients; nothing produces NaN;
+* deterministic backward: a dK/dV kernel (one program per key block x kv head x sample,
+  looping over the group's query heads and query blocks) and a dQ kernel, no atomics,
+  so repeated runs are bitwise identical.
+
+Limits
+* every query/key row must belong to a sample (`cu_seqlens_q[-1] == Nq`, same for k):
+  rows outside all spans are neither written nor given gradients;
+* max_seqlen_q / max_seqlen_k must bound the real lengths (they size the grid);
+* no attention bias, no sliding window, no softcap, no KV cache paging;
+* tiles are tuned for short rows (16-64); long sequences work but are not where it shines.
+
+Differences from the Triton tutorial (06-fused-attention): ragged lengths and padding in
+one launch, bottom-right causal, GQA, arbitrary head dims and strides, dropout, a
+deterministic GQA-aware backward. From FlashAttention-2 CUDA: same API and semantics,
+smaller tiles, no split-KV.
+
+Under `TRITON_INTERPRET=1` (CPU tests) every load is upcast to fp32 right away, because
+the interpreter computes bf16 dots and element-wise bf16 math wrongly, and the autotuner
+gets a single large tile, because interpreter time grows with the number of programs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = triton.knobs.runtime.interpret
+LOG2E = 1.4426950408889634
+
+
+def _attn_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    # Rows are short (8-500): tiles of 16-64 waste less on padding than FA2's 128x128.
+    tiles = ((16, 64), (32, 32), (32, 64), (64, 32), (64, 64))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2) for m, n in tiles]
+
+
+# Tuned once per (dtype, head dim, flags); lengths are left out of the key on purpose,
+# since they change every batch and each retune costs about a second.
+_ATTN_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT"]
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, SEQUSED_K, b, HAS_SEQUSED: tl.constexpr):
+    """(first query row, query count, first key row, used key count, key span) of sample b."""
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    k_span = tl.load(CU_K + b + 1) - k_start
+    if HAS_SEQUSED:
+        k_len = tl.load(SEQUSED_K + b)
+    else:
+        k_len = k_span
+    return q_start.to(tl.int64), q_len, k_start.to(tl.int64), k_len, k_span
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, max_seqlen_q, max_seqlen_k, dropout_p):
+    """Keep-mask of one (BLOCK_M, BLOCK_N) tile; the counter is the element's index in
+    the (B, Hq, max_seqlen_q, max_seqlen_k) layout, so every kernel draws the same bit."""
+    row = (b * n_heads + h).to(tl.int64) * max_seqlen_q + offs_m
+    return tl.rand(seed, row[:, None] * max_seqlen_k + offs_n[None, :]) > dropout_p
+
+
+@triton.jit
+def _visible(offs_m, offs_n, k_len, causal_offset, CAUSAL: tl.constexpr):
+    vis = offs_n[None, :] < k_len
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    return vis
+
+
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k"])
+def _varlen_attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K, SEED,
+    stride_qn, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_on, stride_oh,
+    n_rows_q, n_heads, group, max_seqlen_q, max_seqlen_k, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, _ = _seq_bounds(CU_Q, CU_K, SEQUSED_K, b, HAS_SEQUSED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    h_kv = h // group
+    causal_offset = k_len - q_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + k_start * stride_kn + h_kv * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + k_start * stride_vn + h_kv * stride_vh + offs_d[None, :] * stride_vd
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) at 1, not NaN, for rows
+    # that have seen only masked keys so far.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(k_len, m0 + BLOCK_M + causal_offset)
+    for n0 in range(0, hi, BLOCK_N):
+        kn = n0 + offs_n
+        kv_mask = (kn < k_len)[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kn[:, None] * stride_kn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + kn[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(_visible(offs_m, kn, k_len, causal_offset, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        correction = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * correction + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, b, h, n_heads, offs_m, kn, max_seqlen_q, max_seqlen_k, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    tl.store(
+        O + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+        out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
+    )
+    # lse of the scaled scores in natural log; +inf on empty rows makes every recomputed
+    # probability exp(s - lse) exactly 0 in the backward.
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(LSE + h * n_rows_q + q_start + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _varlen_attn_bwd_preprocess_kernel(
+    O, DO, DELTA, n_rows,
+    stride_on, stride_oh, stride_don, stride_doh, stride_dod,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) per (head, row): the softmax backward's correction term.
+    With dropout it still equals rowsum(P * dP) because O already carries the mask."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + rows * stride_on + h * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(
+        DO + rows * stride_don + h * stride_doh + offs_d[None, :] * stride_dod, mask=mask, other=0.0
+    ).to(tl.float32)
+    tl.store(DELTA + h * n_rows + offs_m, tl.sum(o * do, 1), mask=offs_m < n_rows)
+
+
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k"])
+def _varlen_attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, SEQUSED_K, SEED,
+    stride_qn, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_don, stride_doh, stride_dod,
+    stride_dqn, stride_dqh,
+    n_rows_q, n_heads, group, max_seqlen_q, max_seqlen_k, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, _ = _seq_bounds(CU_Q, CU_K, SEQUSED_K, b, HAS_SEQUSED)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    h_kv = h // group
+    causal_offset = k_len - q_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    qd_mask = mask_m[:, None] & mask_d[None, :]
+    rows = (q_start + offs_m)[:, None]
+    q = tl.load(Q + rows * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + rows * stride_don + h * stride_doh + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + h * n_rows_q + q_start + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + h * n_rows_q + q_start + offs_m, mask=mask_m, other=0.0)
+    k_base = K + k_start * stride_kn + h_kv * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + k_start * stride_vn + h_kv * stride_vh + offs_d[None, :] * stride_vd
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(k_len, m0 + BLOCK_M + causal_offset)
+    for n0 in range(0, hi, BLOCK_N):
+        kn = n0 + offs_n
+        kv_mask = (kn < k_len)[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kn[:, None] * stride_kn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + kn[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+        vis = _visible(offs_m, kn, k_len, causal_offset, CAUSAL)
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if DROPOUT:
+            keep = _dropout_keep(seed, b, h, n_heads, offs_m, kn, max_seqlen_q, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    dq = dq * sm_scale
+    tl.store(
+        DQ + rows * stride_dqn + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask
+    )
+
+
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k"])
+def _varlen_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, SEQUSED_K, SEED,
+    stride_qn, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_don, stride_doh, stride_dod,
+    stride_dkn, stride_dkh,
+    n_rows_q, n_heads, group, max_seqlen_q, max_seqlen_k, sm_scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, k_span = _seq_bounds(CU_Q, CU_K, SEQUSED_K, b, HAS_SEQUSED)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_span:
+        return
+    causal_offset = k_len - q_len
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = (offs_n < k_len)[:, None] & mask_d[None, :]
+    k = tl.load(
+        K + (k_start + offs_n)[:, None] * stride_kn + h_kv * stride_kh + offs_d[None, :] * stride_kd,
+        mask=kv_mask, other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        V + (k_start + offs_n)[:, None] * stride_vn + h_kv * stride_vh + offs_d[None, :] * stride_vd,
+        mask=kv_mask, other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+
+    # Query rows that can see this key block: all of them, or under the causal mask
+    # those with i >= n0 - causal_offset. Key blocks past the used keys see none (their
+    # gradients are stored as zeros).
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
+    hi = tl.where(n0 < k_len, q_len, 0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for g in range(0, group):
+        h = h_kv * group + g
+        q_base = Q + q_start * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd
+        do_base = DO + q_start * stride_don + h * stride_doh + offs_d[None, :] * stride_dod
+        for m0 in range(lo, hi, BLOCK_M):
+            qm = m0 + offs_m
+            mask_m = qm < q_len
+            qd_mask = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + qm[:, None] * stride_qn, mask=qd_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+            do = tl.load(do_base + qm[:, None] * stride_don, mask=qd_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse2 = tl.load(LSE + h * n_rows_q + q_start + qm, mask=mask_m, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + h * n_rows_q + q_start + qm, mask=mask_m, other=0.0)
+
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+            vis = _visible(qm, offs_n, k_len, causal_offset, CAUSAL) & mask_m[:, None]
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            if DROPOUT:
+                keep = _dropout_keep(seed, b, h, n_heads, qm, offs_n, max_seqlen_q, max_seqlen_k, dropout_p)
+                p_drop = tl.where(keep, p * keep_scale, 0.0)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            else:
+                p_drop = p
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+    dk = dk * sm_scale
+    out_mask = (offs_n < k_span)[:, None] & mask_d[None, :]
+    out_off = (k_start + offs_n)[:, None] * stride_dkn + h_kv * stride_dkh + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k"])
+def _attn_dropout_mask_kernel(
+    SEED, MASK, n_heads, max_seqlen_q, max_seqlen_k, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seed = tl.load(SEED)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = (b * n_heads + h).to(tl.int64) * max_seqlen_q + offs_m
+    for n0 in range(0, max_seqlen_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, max_seqlen_q, max_seqlen_k, dropout_p)
+        mask = (offs_m < max_seqlen_q)[:, None] & (offs_n < max_seqlen_k)[None, :]
+        tl.store(MASK + row[:, None] * max_seqlen_k + offs_n[None, :], keep.to(tl.int8), mask=mask)
+
+
+_fwd_kernel = triton.autotune(_attn_configs(), key=_ATTN_KEY)(_varlen_attn_fwd_kernel)
+_bwd_dq_kernel = triton.autotune(_attn_configs(), key=_ATTN_KEY)(_varlen_attn_bwd_dq_kernel)
+_bwd_dkdv_kernel = triton.autotune(_attn_configs(), key=_ATTN_KEY)(_varlen_attn_bwd_dkdv_kernel)
+PREPROCESS_BLOCK_M = 64
+
+
+def block_d(head_dim: int) -> int:
+    """Padded head dim the kernels tile with: next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _flags(q, seqused_k, dropout_p, causal):
+    d = q.shape[-1]
+    return dict(
+        HEAD_DIM=d, BLOCK_D=block_d(d), CAUSAL=causal, HAS_SEQUSED=seqused_k is not None,
+        DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET,
+    )
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
+                             max_seqlen_q, max_seqlen_k, causal, scale, dropout_p):
+    """Launch the forward kernel. Returns `out (Nq, Hq, d)` in q's dtype and
+    `lse (Hq, Nq)` fp32 (natural-log logsumexp of the scaled scores, +inf on empty rows)."""
+    n_q, hq, d = q.shape
+    hkv = k.shape[1]
+    bsz = cu_seqlens_q.numel() - 1
+    out = torch.empty((n_q, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, n_q), dtype=torch.float32, device=q.device)
+    if n_q == 0 or bsz == 0:
+        return out, lse
+    if k.shape[0] == 0 or max_seqlen_k == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, bsz)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        seqused_k if seqused_k is not None else cu_seqlens_k, seed if seed is not None else cu_seqlens_k,
+        *q.stride(), *k.stride(), *v.stride(), out.stride(0), out.stride(1),
+        n_q, hq, hq // hkv, max_seqlen_q, max_seqlen_k, scale, dropout_p,
+        **_flags(q, seqused_k, dropout_p, causal),
+    )
+    return out, lse
+
+
+def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
+                              max_seqlen_q, max_seqlen_k, causal, scale, dropout_p):
+    """Launch preprocess, dK/dV and dQ kernels. Returns `(dq, dk, dv)` shaped like q, k, v."""
+    n_q, hq, d = q.shape
+    n_k, hkv, _ = k.shape
+    bsz = cu_seqlens_q.numel() - 1
+    dq = torch.empty((n_q, hq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((n_k, hkv, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((n_k, hkv, d), dtype=v.dtype, device=v.device)
+    if bsz == 0 or n_q == 0 or n_k == 0 or max_seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((hq, n_q), dtype=torch.float32, device=q.device)
+    _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(n_q, PREPROCESS_BLOCK_M), hq)](
+        out, dout, delta, n_q, out.stride(0), out.stride(1), *dout.stride(),
+        HEAD_DIM=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d(d),
+    )
+    seqused = seqused_k if seqused_k is not None else cu_seqlens_k
+    seed_arg = seed if seed is not None else cu_seqlens_k
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+    )
+    scalars = (n_q, hq, hq // hkv, max_seqlen_q, max_seqlen_k, scale, dropout_p)
+    flags = _flags(q, seqused_k, dropout_p, causal)
+    grid_kv = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv, bsz)  # noqa: E731
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v, dout, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, seqused, seed_arg,
+        *common, dk.stride(0), dk.stride(1), *scalars, **flags,
+    )
+    grid_q = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, bsz)  # noqa: E731
+    _bwd_dq_kernel[grid_q](
+        q, k, v, dout, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, seqused, seed_arg,
+        *common, dq.stride(0), dq.stride(1), *scalars, **flags,
+    )
+    return dq, dk, dv
+
+
+def attention_dropout_mask(seed: torch.Tensor, batch: int, n_heads: int, max_seqlen_q: int,
+                           max_seqlen_k: int, dropout_p: float) -> torch.Tensor:
+    """The keep-mask the attention kernels draw for `seed`, as `(B, Hq, max_seqlen_q,
+    max_seqlen_k)` bool; pass it to `varlen_attention_reference(dropout_mask=...)`."""
+    mask = torch.empty((batch, n_heads, max_seqlen_q, max_seqlen_k), dtype=torch.int8, device=seed.device)
+    if mask.numel() > 0:
+        block = 64
+        _attn_dropout_mask_kernel[(triton.cdiv(max_seqlen_q, block), n_heads, batch)](
+            seed, mask, n_heads, max_seqlen_q, max_seqlen_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
+        )
+    return mask.view(torch.bool)
+
+
+def new_seed(device, n: int = 1) -> torch.Tensor:
+    """`(n,)` int64 Philox seeds drawn from torch's generator on `device`, so
+    `torch.manual_seed` reproduces kernel dropout and CUDA graphs capture the draw."""
+    return torch.randint(0, 2**62, (n,), dtype=torch.int64, device=device)
+
+
+# torch.library registration: opaque custom ops, so torch.compile(fullgraph=True) treats
+# each launch as one node (triton_op would let inductor look inside, which fails on CPU
+# under the interpreter), with register_autograd in place of an autograd.Function.
+
+@torch.library.custom_op("deepmlf::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    seqused_k: torch.Tensor | None, seed: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
+                                    max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+
+
+@_varlen_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, seed, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p):
+    n_q, hq, d = q.shape
+    return q.new_empty((n_q, hq, d)), q.new_empty((hq, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("deepmlf::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    seqused_k: torch.Tensor | None, seed: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
+                                     max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+
+
+@_varlen_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
+      max_seqlen_q, max_seqlen_k, causal, scale, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, seqused_k, seed, *ctx.static = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, seed)
+
+
+def _fwd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, seqused_k, seed = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, seed, *ctx.static)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_varlen_attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def varlen_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seqused_k: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton `varlen_attention` (see `deepmlf_fast.ops.attention` for the semantics).
+
+    Args: as `varlen_attention`, plus `seed`, an optional `(1,)` int64 tensor on q's device
+    that fixes the dropout bits (drawn from torch's generator when None); replay them with
+    `attention_dropout_mask(seed, B, Hq, max_seqlen_q, max_seqlen_k, dropout_p)`.
+
+    Returns:
+        `(Nq, Hq, d)` in q's dtype, differentiable w.r.t. q, k and v.
+    """
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"varlen_attention_triton: q, k, v must share one of fp32/bf16/fp16, found "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"varlen_attention_triton: head dim {q.shape[-1]} > 256 is not supported")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        seed = new_seed(q.device) if seed is None else seed
+    else:
+        seed = None
+    cu_q = cu_seqlens_q.to(torch.int32)
+    cu_k = cu_seqlens_k.to(torch.int32)
+    used = None if seqused_k is None else seqused_k.to(torch.int32)
+    out, _ = _varlen_attention_fwd_op(q, k, v, cu_q, cu_k, used, seed, int(max_seqlen_q), int(max_seqlen_k),
+                                      bool(causal), scale, dropout_p)
+    return out
