@@ -1,10 +1,11 @@
-"""`deepmlf` command line: train | eval | predict | make-synthetic | convert-data | presets.
+"""`deepmlf` command line: train | eval | predict | make-synthetic | convert-data | estimate-memory | presets.
 
     deepmlf train                                   # embedded default: synthetic MOSI + SmolLM2-135M
     deepmlf train --data unaligned_50.pkl --dataset mosi --backbone gpt2 --output-dir runs/mosi
     deepmlf train --preset mosei-gpt2-large --data mosei/unaligned_50.pkl
     deepmlf eval --run runs/mosi [--data other.pkl] [--split test]
     deepmlf predict --run runs/mosi --out predictions.csv
+    deepmlf estimate-memory --backbone llama-7b --dataset mosei --load-in-8bit --zero 2 --batch-size 32
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen backbone to LLM.int8")
     g.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen backbone to NF4")
     g.add_argument("--random-init", action="store_true", help="backbone architecture with random weights")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir even if training settings changed "
+                        "(an identical configuration continues without it)")
     g.add_argument("--overwrite", action="store_true", help="delete --output-dir first")
+    g.add_argument("--deepspeed", metavar="CONFIG",
+                   help="train with DeepSpeed using this JSON config (configs/deepspeed/*.json); launch through "
+                        "`deepspeed train.py` or `torchrun train.py` for several GPUs; --batch-size is then per GPU")
 
 
 def run_config_from_args(args: argparse.Namespace):
@@ -100,7 +106,8 @@ def run_config_from_args(args: argparse.Namespace):
         pre = dataclasses.replace(pre, max_epochs=args.pretrain_epochs)
     if args.no_pretrain:
         pre = dataclasses.replace(pre, enabled=False)
-    for field, value in (("precision", args.precision), ("device", args.device), ("backend", args.backend)):
+    for field, value in (("precision", args.precision), ("device", args.device), ("backend", args.backend),
+                         ("deepspeed", args.deepspeed)):
         if value is not None:
             t = dataclasses.replace(t, **{field: value})
     if args.seeds:
@@ -122,11 +129,33 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_train(args) -> int:
+    from deepmlf_fast.train import distributed
     from deepmlf_fast.train.run import train_run
 
     cfg = run_config_from_args(args)
     train_run(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"results: {Path(cfg.train.output_dir) / 'results.json'}")
+    if distributed.is_main():
+        print(f"results: {Path(cfg.train.output_dir) / 'results.json'}")
+    distributed.shutdown()
+    return 0
+
+
+def cmd_estimate_memory(args) -> int:
+    from deepmlf_fast.memory import estimate_memory
+    from deepmlf_fast.presets import DATASET_RECIPE
+    from deepmlf_fast.train.deepspeed_config import load_deepspeed_config, stage_of
+
+    if not (args.preset or args.config):  # the dataset's released recipe, not the synthetic demo
+        args.preset = DATASET_RECIPE[args.dataset or "mosi"]
+    cfg = run_config_from_args(args)
+    zero, offload = args.zero, args.offload
+    if args.deepspeed:
+        ds = load_deepspeed_config(args.deepspeed)
+        zero = stage_of(ds) if zero is None else zero
+        offload = offload or ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    est = estimate_memory(cfg, zero=2 if zero is None else zero, gpus=args.gpus, offload=offload,
+                          text_tokens=args.text_tokens)
+    print(est.format())
     return 0
 
 
@@ -241,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=["mosi", "mosei", "sims"])
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("estimate-memory", help="estimate per-GPU memory of a (DeepSpeed) training run",
+                       description="Per-GPU memory of training a recipe: frozen weights, trained parameters, "
+                                   "gradients, optimizer state and activations, with the assumptions listed. "
+                                   "Takes the same arguments as `train` (no weights or data are loaded).")
+    _add_train_args(p)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage (default: --deepspeed config's, else 2)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (default 1)")
+    p.add_argument("--offload", action="store_true", help="CPU optimizer offload")
+    p.add_argument("--text-tokens", type=int, help="tokens per transcript (default: the recipe's maximum, the worst batch)")
+    p.set_defaults(func=cmd_estimate_memory)
+
     p = sub.add_parser("presets", help="list recipes and backbones")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -257,7 +297,11 @@ def setup_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deepmlf` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command (`args.func`) with the CLI's logging and error reporting."""
     setup_logging(args.quiet)
     try:
         return args.func(args)

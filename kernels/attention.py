@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = triton.knobs.runtime.interpret
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
 
 
 def _attn_configs():
@@ -134,7 +134,7 @@ def _varlen_attn_fwd_kernel(
     if DROPOUT:
         seed = tl.load(SEED)
 
-    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    qk_scale = sm_scale * LOG2E
     # A finite floor instead of -inf keeps exp2(m_old - m_new) at 1, not NaN, for rows
     # that have seen only masked keys so far.
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
@@ -173,7 +173,7 @@ def _varlen_attn_fwd_kernel(
     )
     # lse of the scaled scores in natural log; +inf on empty rows makes every recomputed
     # probability exp(s - lse) exactly 0 in the backward.
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / LOG2E, float("inf"))
     tl.store(LSE + h * n_rows_q + q_start + offs_m, lse, mask=mask_m)
 
 
@@ -233,7 +233,7 @@ def _varlen_attn_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE + h * n_rows_q + q_start + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + h * n_rows_q + q_start + offs_m, mask=mask_m, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + h * n_rows_q + q_start + offs_m, mask=mask_m, other=0.0)
     k_base = K + k_start * stride_kn + h_kv * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + k_start * stride_vn + h_kv * stride_vh + offs_d[None, :] * stride_vd
@@ -241,7 +241,7 @@ def _varlen_attn_bwd_dq_kernel(
         seed = tl.load(SEED)
         keep_scale = 1.0 / (1.0 - dropout_p)
 
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     hi = k_len
     if CAUSAL:
@@ -318,7 +318,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     if CAUSAL:
         lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
     hi = tl.where(n0 < k_len, q_len, 0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(0, group):
@@ -334,7 +334,7 @@ def _varlen_attn_bwd_dkdv_kernel(
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse2 = tl.load(LSE + h * n_rows_q + q_start + qm, mask=mask_m, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(LSE + h * n_rows_q + q_start + qm, mask=mask_m, other=float("inf")) * LOG2E
             delta = tl.load(DELTA + h * n_rows_q + q_start + qm, mask=mask_m, other=0.0)
 
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
@@ -394,6 +394,12 @@ def _flags(q, seqused_k, dropout_p, causal):
     )
 
 
+def _optional_pointers(seqused_k, seed, placeholder):
+    """SEQUSED_K and SEED arguments; a kernel never reads them when HAS_SEQUSED / DROPOUT
+    is off, so any tensor stands in."""
+    return (placeholder if seqused_k is None else seqused_k), (placeholder if seed is None else seed)
+
+
 def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
                              max_seqlen_q, max_seqlen_k, causal, scale, dropout_p):
     """Launch the forward kernel. Returns `out (Nq, Hq, d)` in q's dtype and
@@ -403,14 +409,11 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, see
     bsz = cu_seqlens_q.numel() - 1
     out = torch.empty((n_q, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((hq, n_q), dtype=torch.float32, device=q.device)
-    if n_q == 0 or bsz == 0:
-        return out, lse
-    if k.shape[0] == 0 or max_seqlen_k == 0:
+    if min(n_q, bsz, max_seqlen_q, k.shape[0], max_seqlen_k) == 0:  # nothing to attend to
         return out.zero_(), lse.fill_(float("inf"))
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, bsz)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        seqused_k if seqused_k is not None else cu_seqlens_k, seed if seed is not None else cu_seqlens_k,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *_optional_pointers(seqused_k, seed, cu_seqlens_k),
         *q.stride(), *k.stride(), *v.stride(), out.stride(0), out.stride(1),
         n_q, hq, hq // hkv, max_seqlen_q, max_seqlen_k, scale, dropout_p,
         **_flags(q, seqused_k, dropout_p, causal),
@@ -427,29 +430,26 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dq = torch.empty((n_q, hq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((n_k, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((n_k, hkv, d), dtype=v.dtype, device=v.device)
-    if bsz == 0 or n_q == 0 or n_k == 0 or max_seqlen_k == 0:
+    if min(n_q, bsz, max_seqlen_q, n_k, max_seqlen_k) == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((hq, n_q), dtype=torch.float32, device=q.device)
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(n_q, PREPROCESS_BLOCK_M), hq)](
         out, dout, delta, n_q, out.stride(0), out.stride(1), *dout.stride(),
         HEAD_DIM=d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d(d),
     )
-    seqused = seqused_k if seqused_k is not None else cu_seqlens_k
-    seed_arg = seed if seed is not None else cu_seqlens_k
-    common = (
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-    )
+    optional = _optional_pointers(seqused_k, seed, cu_seqlens_k)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     scalars = (n_q, hq, hq // hkv, max_seqlen_q, max_seqlen_k, scale, dropout_p)
     flags = _flags(q, seqused_k, dropout_p, causal)
     grid_kv = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hkv, bsz)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, seqused, seed_arg,
-        *common, dk.stride(0), dk.stride(1), *scalars, **flags,
+        q, k, v, dout, dk, dv, lse, delta, cu_seqlens_q, cu_seqlens_k, *optional,
+        *strides, dk.stride(0), dk.stride(1), *scalars, **flags,
     )
     grid_q = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, bsz)  # noqa: E731
     _bwd_dq_kernel[grid_q](
-        q, k, v, dout, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, seqused, seed_arg,
-        *common, dq.stride(0), dq.stride(1), *scalars, **flags,
+        q, k, v, dout, dq, lse, delta, cu_seqlens_q, cu_seqlens_k, *optional,
+        *strides, dq.stride(0), dq.stride(1), *scalars, **flags,
     )
     return dq, dk, dv
 
@@ -513,7 +513,8 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, seed,
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, seqused_k, seed, *ctx.static = inputs
+    q, k, v, cu_q, cu_k, seqused_k, seed = inputs[:7]
+    ctx.static = inputs[7:]  # max_seqlen_q, max_seqlen_k, causal, scale, dropout_p
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, seed)
 
@@ -521,7 +522,7 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, seqused_k, seed = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, seed, *ctx.static)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *[None] * 9
 
 
 _varlen_attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

@@ -36,7 +36,7 @@ import torch
 
 from deepmlf_fast.kernels.attention import attention_dropout_mask, new_seed, varlen_attention_triton
 from deepmlf_fast.kernels.gated_linear import gated_linear, gated_linear_dropout_mask
-from deepmlf_fast.ops.cross_attention import absorbed_weights, normalize
+from deepmlf_fast.kernels.projections import absorbed_weights, normalize
 
 
 def gated_cross_attention_triton(

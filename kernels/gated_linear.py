@@ -45,9 +45,10 @@ def _gemm_configs():
 
 @triton.jit
 def _gate(alpha, GATE_TANH: tl.constexpr):
-    g = tl.sigmoid(alpha)
     if GATE_TANH:
         g = 2.0 * tl.sigmoid(2.0 * alpha) - 1.0  # tanh; Triton has no tl.tanh
+    else:
+        g = tl.sigmoid(alpha)
     return g
 
 
@@ -163,7 +164,7 @@ def gated_linear_forward(x, h, w, alpha, seed, gate, dropout_p):
         return out, y
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _fwd_kernel[grid](
-        x, h, w, alpha, out, y, seed if seed is not None else alpha,
+        x, h, w, alpha, out, y, alpha if seed is None else seed,  # SEED is only read with dropout
         m, n, k, *x.stride(), *h.stride(), *w.stride(), out.stride(0), dropout_p,
         GATE_TANH=gate == "tanh", ALPHA_PER_CHANNEL=alpha.numel() > 1, DROPOUT=dropout_p > 0.0,
         UPCAST=INTERPRET,
@@ -182,7 +183,7 @@ def gated_linear_backward(dout, y, alpha, seed, gate, dropout_p):
                           device=y.device)
     if m > 0 and n > 0:
         _gated_linear_bwd_kernel[grid](
-            dout, y, alpha, seed if seed is not None else alpha, dz, partial,
+            dout, y, alpha, alpha if seed is None else seed, dz, partial,
             m, n, *dout.stride(), y.stride(0), dropout_p,
             GATE_TANH=gate == "tanh", ALPHA_PER_CHANNEL=per_channel, DROPOUT=dropout_p > 0.0,
             BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,

@@ -116,7 +116,9 @@ def load_backbone(
             kwargs["vocab_size"] = len(tokenizer)  # the offline tokenizer stands in for the missing one
             config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         config._attn_implementation = attn
-        with torch.device(device or "cpu"):
+        # A fixed seed: every rank of a distributed run, and every rerun, builds the same weights.
+        with torch.random.fork_rng(), torch.device(device or "cpu"):
+            torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if quant is not None:
             from deepmlf_fast.backbones.quantize import quantize_linear_layers

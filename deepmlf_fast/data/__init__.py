@@ -1,6 +1,6 @@
 """Data: MMSA files, the synthetic default, tokenization and batching."""
 
-from deepmlf_fast.data.loader import Batch, MMSADataset, make_loader
+from deepmlf_fast.data.loader import Batch, EpochSampler, MMSADataset, make_loader
 from deepmlf_fast.data.mmsa import MMSAData, MMSASplit, convert_pickle, from_mmsa_dict, load_mmsa, save_npz
 from deepmlf_fast.data.specs import DATASETS, DatasetSpec, dataset_spec
 from deepmlf_fast.data.synthetic import make_synthetic, rotten_tomatoes
@@ -10,6 +10,7 @@ __all__ = [
     "DATASETS",
     "Batch",
     "DatasetSpec",
+    "EpochSampler",
     "MMSAData",
     "MMSADataset",
     "MMSASplit",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepmlf_fast.data.mmsa import MMSASplit
 from deepmlf_fast.data.tokenize import TokenizedText
@@ -89,6 +89,37 @@ class MMSADataset(Dataset):
         )
 
 
+class EpochSampler(Sampler[int]):
+    """Sample order that depends only on (seed, epoch), optionally sharded over ranks.
+
+    Call `set_epoch(e)` before each epoch: a run resumed at epoch e sees exactly the order
+    an uninterrupted run would. With `world_size > 1`, rank r takes every world_size-th
+    sample of the (padded) order, like `DistributedSampler`.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world_size > 1:
+            order += order[: len(self) * self.world_size - self.n]  # pad so every rank gets as many
+            order = order[self.rank :: self.world_size]
+        return iter(order)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+
 def make_loader(
     split: MMSASplit,
     tokens: TokenizedText,
@@ -98,15 +129,17 @@ def make_loader(
     seed: int | None = None,
     num_workers: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader of `Batch`es over `split`; with `seed`, the shuffle order is reproducible."""
+    """A DataLoader of `Batch`es over `split` whose order depends only on (seed, epoch):
+    call `loader.sampler.set_epoch(e)` each epoch. `rank`/`world_size` shard the samples."""
     dataset = MMSADataset(split, tokens, pad_id)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    sampler = EpochSampler(len(dataset), shuffle, 0 if seed is None else seed, rank, world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
         collate_fn=dataset.collate,

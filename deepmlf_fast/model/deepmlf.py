@@ -86,6 +86,24 @@ class DeepMLF(nn.Module):
     def layers(self) -> nn.ModuleList:
         return get_path(self._base, self.spec.layers)
 
+    def detach_backbone(self) -> None:
+        """Keep the frozen LM out of this module's tree; forward still runs it.
+
+        Afterwards `parameters()`, `state_dict()`, `.to()` and module hooks see only
+        DeepMLF's own modules. DeepSpeed is handed the model in this state, so ZeRO
+        partitions and all-gathers only what trains, and the frozen (possibly 8-bit)
+        backbone stays replicated on every rank. `trained_state_dict` keys do not change.
+        """
+        lm = self._modules.pop("lm", None)
+        if lm is not None:
+            object.__setattr__(self, "lm", lm)
+
+    def train(self, mode: bool = True) -> "DeepMLF":
+        super().train(mode)
+        if "lm" not in self._modules:  # detached: its dropout still follows train/eval
+            self.lm.train(mode)
+        return self
+
     def set_backend(self, backend: str) -> None:
         """Choose the attention ops' backend: 'auto', 'triton' or 'reference'."""
         self.backend = backend

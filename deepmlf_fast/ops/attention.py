@@ -127,7 +127,9 @@ def varlen_attention_reference(
     mask = safe[:, None]  # (B, 1, Lq, Lk)
 
     if dropout_mask is not None:
-        s = torch.matmul(qp.float(), kp.float().transpose(-1, -2)) * scale
+        # fp32 at least, but keep fp64 (a bare .float() would break fp64 gradchecks)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        s = torch.matmul(qp.to(acc), kp.to(acc).transpose(-1, -2)) * scale
         p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
         out = torch.matmul(p.to(vp.dtype), vp)

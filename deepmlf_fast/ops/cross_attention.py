@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from deepmlf_fast.kernels.projections import absorbed_weights, gate_value, normalize
 from deepmlf_fast.ops.dispatch import resolve_backend
 
 GATES = ("sigmoid", "tanh")
@@ -143,7 +144,8 @@ def gated_cross_attention_reference(
 
     scores = torch.matmul(q_t, keys.transpose(-1, -2)) * scale  # (B, H, F, L)
     scores = scores.masked_fill(~safe[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+    # softmax in fp32 at least, fp64 stays fp64 (gradcheck)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(x.dtype)
     probs = _dropout(probs, dropout_p, attn_dropout_mask)
     ctx = torch.matmul(probs, values)  # (B, H, F, Dkv or Dh)
     ctx = ctx * has_key[:, None, None, None].to(ctx.dtype)
@@ -151,23 +153,6 @@ def gated_cross_attention_reference(
     y = ctx @ n_o if form == "absorbed" else ctx @ w_o.t()  # (B, F, D)
     y = _dropout(y, resid_dropout_p, resid_dropout_mask)
     return x + gate_value(alpha, gate).to(x.dtype) * y
-
-
-def absorbed_weights(w_q: torch.Tensor, w_kv: torch.Tensor, w_o: torch.Tensor, n_heads: int):
-    """Fold the projections into `M_q (D, H*Dkv)` and `N_o (H*Dkv, D)`.
-
-    `M_q[:, h] = W_q,h^T W_k,h` maps normalised queries straight to per-head scores
-    against A; `N_o[h] = W_v,h^T W_o,h^T` maps per-head `P_h A` straight to the output.
-    """
-    dim, dkv = w_q.shape[0], w_kv.shape[1]
-    head_dim = dim // n_heads
-    wq_h = w_q.view(n_heads, head_dim, dim)  # (H, Dh, D)
-    wk_h = w_kv[:dim].view(n_heads, head_dim, dkv)  # (H, Dh, Dkv)
-    wv_h = w_kv[dim:].view(n_heads, head_dim, dkv)
-    wo_h = w_o.view(dim, n_heads, head_dim)  # (D, H, Dh)
-    m_q = torch.einsum("hed,hek->dhk", wq_h, wk_h).reshape(dim, n_heads * dkv)
-    n_o = torch.einsum("hek,dhe->hkd", wv_h, wo_h).reshape(n_heads * dkv, dim)
-    return m_q, n_o
 
 
 def choose_form(bsz: int, n_q: int, n_kv: int, dim: int, n_heads: int, dkv: int) -> str:
@@ -183,18 +168,6 @@ def choose_form(bsz: int, n_q: int, n_kv: int, dim: int, n_heads: int, dkv: int)
     plain += 2 * 4 * bsz * n_kv * dim  # K and V written then read (counted as 4 flops per byte-ish element)
     absorbed = 4 * dim * dim * dkv + 4 * rows * dim * n_heads * dkv + 4 * bsz * n_heads * n_q * n_kv * dkv
     return "absorbed" if absorbed < plain else "plain"
-
-
-def normalize(x, weight, bias, norm: str, eps: float) -> torch.Tensor:
-    """LayerNorm (with optional bias) or RMSNorm over the last dimension."""
-    if norm == "layernorm":
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def gate_value(alpha: torch.Tensor, gate: str) -> torch.Tensor:
-    """sigmoid(alpha) or tanh(alpha)."""
-    return torch.sigmoid(alpha) if gate == "sigmoid" else torch.tanh(alpha)
 
 
 def _dropout(t: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:

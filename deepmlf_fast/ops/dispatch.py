@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -10,14 +10,13 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+"""Triton is an optional dependency; a constant (not a cached call) keeps torch.compile quiet."""
+
+
 def triton_available() -> bool:
-    """True when `triton` imports (it is an optional dependency)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when the `triton` package is installed."""
+    return TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:

@@ -2,7 +2,9 @@
 
 `PlainEngine` runs in one process; `deepmlf_fast.train.deepspeed_engine.DeepSpeedEngine`
 offers the same interface on top of a DeepSpeed engine. The training loops only call
-`backward`, `maybe_step`, `end_epoch`, `steps_per_epoch`, `state_dict`/`load_state_dict`.
+`backward`, `maybe_step`, `end_epoch`, `steps_per_epoch`, `state_dict`/`load_state_dict`,
+`wrap` (the module to run forward passes through) and `model_state`/`load_model_state`
+(the trained weights, which DeepSpeed may hold partitioned).
 
 Accumulation and clipping follow the parity flags:
 * corrected: the loss of each micro-batch is divided by the accumulation count (the
@@ -101,6 +103,17 @@ class PlainEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loops call for forward passes: the model itself."""
+        return model
+
+    def model_state(self, model) -> dict[str, torch.Tensor]:
+        """The model's trained weights (`DeepMLF.trained_state_dict`)."""
+        return model.trained_state_dict()
+
+    def load_model_state(self, model, state: dict[str, torch.Tensor]) -> None:
+        model.load_trained_state_dict(state)
 
     def state_dict(self) -> dict:
         return {

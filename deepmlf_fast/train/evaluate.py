@@ -53,6 +53,10 @@ def evaluate(model, loader, dataset: str, device: torch.device, bf16: bool, desc
     """MMSA metrics of the multimodal prediction plus `Loss` (mean over batches of each
     batch's L1, the official model-selection value) and the single-head MAEs."""
     p = predict(model, loader, device, bf16, desc)
+    if getattr(loader.sampler, "world_size", 1) > 1:  # a rank's shard: metrics need the whole split
+        from deepmlf_fast.train.distributed import gather_predictions
+
+        p = gather_predictions(p, loader.batch_size)
     metrics = msa_metrics(p["pred"], p["labels"], dataset)
     metrics["Loss"] = float(p["batch_l1"].mean())
     for head in ("pred_text", "pred_av", "pred_fusion"):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.model.losses import deepmlf_loss
+from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import TrainState, load_resume, load_weights, save_resume, save_weights, set_rng_state
 from deepmlf_fast.train.evaluate import autocast, evaluate, model_inputs
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 def train_epoch(model, engine, loader, cfg: RunConfig, device: torch.device, epoch: int) -> dict[str, float]:
     """One pass over the training loader; -> mean of each loss part."""
     model.train()
+    loader.sampler.set_epoch(epoch)
     bf16 = cfg.train.precision == "bf16"
     sums: dict[str, torch.Tensor] = {}
     n = 0
@@ -50,35 +52,41 @@ def train_epoch(model, engine, loader, cfg: RunConfig, device: torch.device, epo
 
 def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, device: torch.device) -> TrainState:
     """Train until early stopping; leaves the best weights loaded. Resumes from
-    `seed_dir/last` when it exists."""
+    `seed_dir/last` when it exists. In a distributed run every rank calls it (`model` is
+    `engine.wrap(model)`); train losses are averaged over ranks and only rank 0 writes."""
     key = cfg.optim.key_metric
     eval_bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
     state = TrainState()
     last, best_path = seed_dir / "last", seed_dir / "best.safetensors"
     if last.exists():
         model_state, engine_state, rng, state = load_resume(last)
-        model.load_trained_state_dict(model_state)
-        engine.load_state_dict(engine_state)
+        engine.load_model_state(model, model_state)
         set_rng_state(rng)
+        engine.load_state_dict(engine_state)  # after the RNG: a DeepSpeed rank restores its own
         log.info("resuming from %s after epoch %d (best %s %.4f at epoch %d)", last, state.epoch, key,
                  state.best_metric, state.best_epoch + 1)
     while state.epoch < cfg.optim.max_epochs and not _stopped(state, cfg.optim.early_stop):
         start = time.time()
-        train = train_epoch(model, engine, loaders["train"], cfg, device, state.epoch)
+        train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, device, state.epoch))
         valid = evaluate(model, loaders["valid"], cfg.data.dataset, device, eval_bf16, desc="valid")
         improved = valid[key] < state.best_metric - 1e-6
         if improved:
             state.best_metric, state.best_epoch = valid[key], state.epoch
-            save_weights(model.trained_state_dict(), best_path)
+            best = engine.model_state(model)
+            if distributed.is_main():
+                save_weights(best, best_path)
         state.history.append({"epoch": state.epoch + 1, "train": train, "valid": valid, "lr": engine.lr})
         state.epoch += 1
-        save_resume(last, model.trained_state_dict(), engine.state_dict(), state)
+        engine_state, model_state = engine.state_dict(), engine.model_state(model)
+        if distributed.is_main():
+            save_resume(last, model_state, engine_state, state)
         shown = "".join(f" {k} {valid[k]:.4f}" for k in dict.fromkeys((key, "MAE", "Corr")))
         log.info(
             "epoch %d | train loss %.4f | valid%s%s | lr %.2e | %.0fs",
             state.epoch, train["total"], shown, " *" if improved else "", engine.lr, time.time() - start,
         )
-    model.load_trained_state_dict(load_weights(best_path))
+    distributed.barrier()  # rank 0 has written the best weights
+    engine.load_model_state(model, load_weights(best_path))
     log.info("best %s %.4f at epoch %d", key, state.best_metric, state.best_epoch + 1)
     return state
 

@@ -68,6 +68,7 @@ def pretrain_av(cfg: RunConfig, train_loader, valid_loader, out_path: Path, devi
     for epoch in range(pre.max_epochs):
         start = time.time()
         model.train()
+        train_loader.sampler.set_epoch(epoch)
         total, count = torch.zeros((), device=device), 0
         for batch in tqdm(train_loader, desc=f"stage 1 epoch {epoch + 1}", leave=False, dynamic_ncols=True):
             batch = batch.to(device)

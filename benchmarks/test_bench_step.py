@@ -1,0 +1,88 @@
+"""Whole DeepMLF training step: official-style implementation vs deepmlf-fast.
+
+    official  baselines/official_deepmlf.py: per-batch tokenisation padded to L = 50, fusion tokens
+              after the padded text, HF forward (sdpa) with the dense causal + key-padding mask,
+              Flamingo-style MM blocks (explicit-softmax cross-attention, scale 1/sqrt(D), gated FFN
+              over all positions), full-vocabulary logits over all L + F positions, CLM on the first L
+    ours      deepmlf_fast: build_model + DeepMLF.forward + deepmlf_loss (packed rows, varlen
+              attention, fused cross-attention op, chunked LM-head cross-entropy on text rows only)
+
+Both sides: the same configuration (the backbone's recipe, parity 'official', LoRA off), the same
+backbone weights (same seed, or the same checkpoint) and the same initial values of every new
+module (the official model is built from ours), the same batch, AdamW (lr 1e-4, betas 0.9/0.95)
+and value clipping of the MM-side gradients; `test_bench_step_parity.py` checks they compute the same
+loss. A step = forward, loss, backward, clip, optimizer step, zero_grad.
+
+Each provider runs in its own process (`step_runner.py`, whose docstring details the timing and the
+peak-memory method): median / p20 / p80 step time over the timed steps, and the peak memory the
+training adds on top of the built model (CUDA: max_memory_allocated; CPU: peak RSS). The row of
+`ours` carries the speed-up over `official` (ratio column) and the memory ratio (note).
+
+Configurations come from `shapes.STEP_CONFIGS`: tiny backbones when benchmarks are disabled (CI
+smoke), the device's table otherwise (SmolLM2-135M and GPT-2-random on CPU; GPT-2, GPT-2-large and
+Llama-7B with random weights at batch 32 on CUDA). The project's targets (step >= 3x the official
+on CPU, >= 5x on GPU, <= 1/3 of its peak memory) are read from the recorded table, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import harness
+from shapes import StepConfig
+
+SUITE = "step"
+HERE = Path(__file__).resolve().parent
+PROVIDERS = ("official", "ours")
+
+_PEAKS: dict[tuple[str, str], float] = {}
+
+
+def _run_provider(step_config: StepConfig, provider: str, bench_env, tmp_path: Path) -> dict:
+    out = tmp_path / f"{step_config.name}-{provider}.json"
+    cmd = [
+        sys.executable, str(HERE / "step_runner.py"), "--config", step_config.name, "--provider", provider,
+        "--device", bench_env.device.kind, "--steps", str(bench_env.steps), "--warmup", str(bench_env.warmup_steps),
+        "--threads", str(bench_env.threads), "--out", str(out),
+    ]
+    env = dict(os.environ)
+    # A fixed mmap threshold (which also disables glibc's dynamic one) returns freed large tensors to
+    # the OS at once, so the child's RSS follows its live memory (see step_runner's docstring).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    timeout = 1800 if bench_env.enabled else 600
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"step_runner {step_config.name}/{provider} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_training_step(step_config: StepConfig, provider: str, bench_env, record_row, tmp_path):
+    res = _run_provider(step_config, provider, bench_env, tmp_path)
+    assert all(map(_finite, res["losses"])), f"non-finite loss: {res['losses']}"
+    timing = harness.Timing([t * 1e6 for t in res["times_s"]], "wall-clock")
+    _PEAKS[(step_config.name, provider)] = res["peak_mb"]
+    notes = [
+        f"B={res['batch']} F={res['n_fusion']} mm={len(res['mm_layers'])} clm={res['w_clm']:g}",
+        f"tokens/step={res['tokens_per_step']}", f"mem={res['mem_method']}", f"text={res['text_source']}",
+        f"threads={res['threads']}" if bench_env.device.kind == "cpu" else "",
+        res["note"],
+    ]
+    other = _PEAKS.get((step_config.name, "official"))
+    if provider == "ours" and other:
+        notes.append(f"peak_mem_vs_official={res['peak_mb'] / other:.3f}")
+    shape = f"{res['backbone']}{' (random init)' if step_config.random_init else ''}/B{res['batch']}"
+    record_row(harness.make_row(
+        timing, suite=SUITE, provider=provider, mode="train_step", shape=shape, dtype=res["dtype"],
+        device=bench_env.device.name, peak=None, peak_mem_mb=res["peak_mb"], note="; ".join(n for n in notes if n),
+    ))
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")

@@ -1,0 +1,55 @@
+"""Test helpers shared across folders (importable as `helpers`: pyproject puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from deepmlf_fast.config import AVEncoderConfig, FusionConfig, LossConfig, ModelConfig, TextConfig
+
+
+@functools.lru_cache(maxsize=None)
+def load_tiny(name: str):
+    """(lm, tokenizer, spec) of a tiny preset, loaded once per test session."""
+    from deepmlf_fast.backbones.load import load_backbone
+
+    return load_backbone(name)
+
+
+def tiny_model_config(backbone: str = "tiny-gpt2", **fusion) -> ModelConfig:
+    """A small DeepMLF config: 4-layer backbone, 4 fusion tokens, MM blocks after blocks 1 and 3."""
+    f = dict(n_tokens=4, mm_layers=(1, 3), n_heads=8, dropout=0.1)
+    f.update(fusion)
+    return ModelConfig(
+        backbone=backbone,
+        av=AVEncoderConfig(audio_dim=5, vision_dim=20, max_len=12),
+        fusion=FusionConfig(**f),
+        text=TextConfig(max_tokens=16),
+        loss=LossConfig(w_clm=1.0),
+    )
+
+
+def make_model(backbone: str = "tiny-gpt2", parity: str = "corrected", seed: int = 0, **fusion):
+    from deepmlf_fast.model.deepmlf import DeepMLF
+
+    lm, tok, spec = load_tiny(backbone)
+    cfg = tiny_model_config(backbone, **fusion)
+    cfg.parity = parity
+    return DeepMLF(cfg, lm, spec, tok.pad_token_id, init_seed=seed), tok
+
+
+TEXTS = ["a gripping, beautifully acted film", "dull", "not the worst movie this year , but close to it"]
+
+
+def make_batch(tok, texts=TEXTS, ta: int = 37, tv: int = 29, seed: int = 0, max_tokens: int = 16) -> dict:
+    """Model inputs for `texts`: right-padded ids, lengths, random audio/vision."""
+    enc = tok(list(texts), truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+    g = torch.Generator().manual_seed(seed)
+    b = len(texts)
+    return dict(
+        input_ids=enc["input_ids"],
+        text_lengths=enc["attention_mask"].sum(1),
+        audio=torch.randn(b, ta, 5, generator=g),
+        vision=torch.randn(b, tv, 20, generator=g),
+    )

@@ -1,0 +1,147 @@
+"""DeepMLF assembly: the packed model against an independent padded implementation of the
+official layout, information flow, gradient flow, and the no-grad text prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepmlf_fast.backbones.arch import get_path
+from deepmlf_fast.ops.cross_attention import gate_value, gated_cross_attention_reference
+
+from helpers import make_batch, make_model
+
+
+def padded_reference(model, input_ids, text_lengths, audio, vision):
+    """The official computation, written independently of the packed path: text padded to
+    L, fusion tokens at positions L..L+n-1, one dense causal + key-padding mask, eager
+    attention, MM blocks on the last n positions."""
+    cfg, spec = model.cfg, model.spec
+    L, n = cfg.text.max_tokens, cfg.fusion.n_tokens
+    base = get_path(model.lm, spec.base)
+    bsz = input_ids.shape[0]
+    ids = F.pad(input_ids, (0, L - input_ids.shape[1]), value=model.pad_id)
+    h = torch.cat([get_path(base, spec.embed_tokens)(ids), model.fusion_tokens.expand(bsz, n, -1)], dim=1)
+    pos = torch.arange(L + n)
+    if spec.position_table:
+        h = h + get_path(base, spec.position_table)(pos)
+    valid = torch.cat([torch.arange(L)[None] < text_lengths[:, None], torch.ones(bsz, n, dtype=torch.bool)], 1)
+    allowed = torch.tril(torch.ones(L + n, L + n, dtype=torch.bool))[None] & valid[:, None, :]
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, Q, K)
+    kw = {}
+    if spec.rotary:
+        kw = {"position_embeddings": get_path(base, spec.rotary)(h, pos[None]), "position_ids": pos[None]}
+    av, _ = model.encode_av(audio, vision)
+    model.lm.set_attn_implementation("eager")
+    try:
+        for i, layer in enumerate(model.layers):
+            h = layer(h, attention_mask=mask, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+            if str(i) in model.mm_blocks:
+                blk = model.mm_blocks[str(i)]
+                hf = gated_cross_attention_reference(
+                    h[:, L:], av, blk.ln_1.weight, getattr(blk.ln_1, "bias", None), blk.q_proj.weight,
+                    blk.kv_proj.weight, blk.o_proj.weight, blk.alpha_attn, n_heads=blk.n_heads,
+                    norm=blk.norm_kind, norm_eps=blk.ln_1.eps, scale=blk.scale,
+                )
+                h = torch.cat([h[:, :L], hf], dim=1)
+                h = h + gate_value(blk.alpha_ffn, blk.gate) * blk.ffn(blk.ln_2(h))
+    finally:
+        model.lm.set_attn_implementation("deepmlf")
+    hn = get_path(base, spec.final_norm)(h)
+    t_star = hn[torch.arange(bsz), text_lengths - 1]
+    return model.heads(t_star, hn[:, L:], av.mean(1))
+
+
+@pytest.mark.parametrize("parity", ["corrected", "official"])
+def test_packed_model_matches_padded_official_layout(backbone, parity):
+    model, tok = make_model(backbone, parity=parity)
+    model.eval()
+    batch = make_batch(tok)
+    with torch.no_grad():
+        ours = model(**batch)
+        ref = padded_reference(model, **batch)
+    for key in ("pred", "pred_text", "pred_fusion", "pred_av"):
+        torch.testing.assert_close(ours[key], ref[key], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", [True, False])
+def test_text_states_bit_identical_whatever_the_av(backbone, combine):
+    model, tok = make_model(backbone, combine=combine)
+    model.eval()
+    a = make_batch(tok, seed=1)
+    b = dict(a, audio=a["audio"] * 3 + 1, vision=torch.randn_like(a["vision"]))
+    with torch.no_grad():
+        oa, ob = model(**a, return_hidden=True), model(**b, return_hidden=True)
+    rows = oa["layout"].text_rows
+    assert torch.equal(oa["hidden"][rows], ob["hidden"][rows])
+    assert torch.equal(oa["pred_text"], ob["pred_text"])
+    assert not torch.equal(oa["hidden"][oa["layout"].fusion_rows], ob["hidden"][ob["layout"].fusion_rows])
+
+
+def test_gradients_reach_every_trained_part_and_nothing_frozen(backbone):
+    model, tok = make_model(backbone)
+    model.train()
+    out = model(**make_batch(tok))
+    loss = out["pred"].sum() + out["pred_fusion"].sum() + out["pred_text"].sum() + out["pred_av"].sum() + out["clm_loss"]
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("lm."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad, name
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for prefix in ("fusion_tokens", "av_encoder.", "mm_blocks.1.", "mm_blocks.3.", "heads."):
+        grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith(prefix)]
+        assert grads and sum(grads) > 0, prefix
+
+
+@pytest.mark.parametrize("combine", [True, False])
+def test_no_grad_text_prefix_is_exact(backbone, combine):
+    model, tok = make_model(backbone, combine=combine, mm_layers=(2, 3))
+    model.eval()  # no dropout, so both paths see identical computations
+    batch = make_batch(tok)
+    results = []
+    for split in (True, False):
+        model.cfg.text_prefix_no_grad = split
+        model.zero_grad()
+        out = model(**batch, clm=True)
+        (out["pred"].sum() + out["pred_fusion"].sum() + out["clm_loss"]).backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1["pred"], o2["pred"], atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_clm_targets_follow_the_official_rule():
+    model, _ = make_model("tiny-gpt2")
+    L, pad = model.cfg.text.max_tokens, model.pad_id
+    ids = torch.tensor([[5, 6, 7] + [pad] * (L - 3), list(range(10, 10 + L))])
+    targets = model._clm_targets(ids, torch.tensor([3, L]))
+    # short transcript: next tokens, then its last token predicts the pad token;
+    # a transcript filling all L positions ends with the official id-0 artefact.
+    assert targets.tolist() == [6, 7, pad] + list(range(11, 10 + L)) + [0]
+
+
+def test_batch_of_one_trains():
+    model, tok = make_model("tiny-llama")
+    model.train()
+    out = model(**make_batch(tok, texts=["fine"]))
+    out["pred"].sum().backward()
+    assert torch.isfinite(out["pred"]).all()
+
+
+def test_trained_state_dict_excludes_backbone_and_round_trips():
+    model, _ = make_model("tiny-gpt2", seed=3)
+    state = model.trained_state_dict()
+    assert state and not any(k.startswith("lm.") for k in state)
+    assert "heads.task_norm.running_mean" in state
+    other, _ = make_model("tiny-gpt2", seed=4)
+    assert not torch.equal(other.fusion_tokens, model.fusion_tokens)
+    other.load_trained_state_dict(state)
+    assert torch.equal(other.fusion_tokens, model.fusion_tokens)
+    with pytest.raises(KeyError, match="missing"):
+        other.load_trained_state_dict({k: v for k, v in state.items() if k != "fusion_tokens"})

@@ -1,0 +1,175 @@
+"""DeepSpeed training: config resolution, and 2 gloo ranks on CPU for ZeRO-1/2/3.
+
+The distributed tests compare a 2-rank DeepSpeed run with a single-process `PlainEngine`
+run that sees the same micro-batches in the same accumulation groups (rank 0's and rank
+1's k-th micro-batches side by side, so BatchNorm sees the same batches), check that the
+loss falls, and that a run interrupted after epoch 1 resumes to the same weights, losses
+and test metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepmlf_fast.config import RunConfig
+from deepmlf_fast.errors import ConfigError
+from deepmlf_fast.train.deepspeed_config import check_parity_supported, resolve_deepspeed_config
+
+import ds_worker
+from ds_worker import ACCUM, BATCHES, MICRO, SEED, WORLD, run_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "deepspeed").glob("*.json"))
+
+
+def _cfg(tmp_path, **train) -> RunConfig:
+    cfg = run_config(tmp_path / "run", tmp_path / "data.pkl", "x.json")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+
+
+# -- config resolution ---------------------------------------------------------------------------
+def test_auto_values_are_filled_from_the_run(tmp_path):
+    raw = json.loads((CONFIGS[0].parent / "zero2_offload.json").read_text())
+    out = resolve_deepspeed_config(raw, _cfg(tmp_path), world_size=4)
+    assert out["train_micro_batch_size_per_gpu"] == MICRO
+    assert out["gradient_accumulation_steps"] == ACCUM
+    assert out["train_batch_size"] == MICRO * ACCUM * 4
+    assert out["gradient_clipping"] == 1.0
+    assert out["torch_autocast"]["enabled"] is False and out["bf16"]["enabled"] is False
+    assert out["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.001}
+    assert raw["train_batch_size"] == "auto"  # the input is not modified
+
+
+def test_explicit_value_that_disagrees_names_key_and_both_values(tmp_path):
+    raw = {"train_batch_size": 64, "zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError, match=r"train_batch_size: the config says 64 but the run has 16 \(micro batch 4 "
+                                          r"x accumulation 2 x world size 2\)"):
+        resolve_deepspeed_config(raw, _cfg(tmp_path), world_size=2)
+    with pytest.raises(ConfigError, match="gradient_clipping: the config says 0.5 but the run has 1.0"):
+        resolve_deepspeed_config({"gradient_clipping": 0.5}, _cfg(tmp_path), world_size=2)
+    assert resolve_deepspeed_config({"train_batch_size": 16}, _cfg(tmp_path), world_size=2)["train_batch_size"] == 16
+
+
+def test_precision_bf16_is_autocast_and_bf16_weights_are_refused(tmp_path):
+    cfg = _cfg(tmp_path, precision="bf16")
+    out = resolve_deepspeed_config({}, cfg, world_size=1)
+    assert out["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    with pytest.raises(ConfigError, match="torch_autocast.enabled: the config says False but the run has True"):
+        resolve_deepspeed_config({"torch_autocast": {"enabled": False}}, cfg, world_size=1)
+    with pytest.raises(ConfigError, match="bf16.enabled: expected false"):
+        resolve_deepspeed_config({"bf16": {"enabled": True}}, cfg, world_size=1)
+    with pytest.raises(ConfigError, match="fp16.enabled"):
+        resolve_deepspeed_config({"fp16": {"enabled": True}}, cfg, world_size=1)
+
+
+def test_unsupported_sections_are_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ConfigError, match="scheduler"):
+        resolve_deepspeed_config({"scheduler": {"type": "WarmupLR"}}, cfg, world_size=1)
+    with pytest.raises(ConfigError, match="optimizer.type: expected Adam or AdamW"):
+        resolve_deepspeed_config({"optimizer": {"type": "SGD"}}, cfg, world_size=1)
+    with pytest.raises(ConfigError, match="offload_optimizer needs DeepSpeed's CPU Adam"):
+        resolve_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+                                 cfg, world_size=1)
+    with pytest.raises(ConfigError, match="optimizer.params.lr: the config says 0.1"):
+        resolve_deepspeed_config({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, cfg, world_size=1)
+
+
+def test_official_parity_is_refused(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, parity="official"))
+    with pytest.raises(ConfigError, match="model.parity: DeepSpeed training needs parity 'corrected'"):
+        check_parity_supported(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_resolve_for_their_precision_only(path, tmp_path):
+    raw = json.loads(path.read_text())
+    bf16 = path.stem.endswith("_bf16")
+    right, wrong = ("bf16", "fp32") if bf16 else ("fp32", "bf16")
+    out = resolve_deepspeed_config(raw, _cfg(tmp_path, precision=right), world_size=8)
+    assert out["zero_optimization"]["stage"] == int(path.stem[4])
+    assert ("offload_optimizer" in out["zero_optimization"]) == ("offload" in path.stem)
+    with pytest.raises(ConfigError, match="torch_autocast.enabled"):
+        resolve_deepspeed_config(raw, _cfg(tmp_path, precision=wrong), world_size=8)
+
+
+# -- two ranks on CPU ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    from deepmlf_fast.backbones.load import resolve_backbone
+
+    resolve_backbone("tiny-llama")  # build the cached tiny backbone before the ranks read it
+    return ds_worker.make_data(tmp_path_factory.mktemp("ds_data") / "data.pkl")
+
+
+def _reference_weights(tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
+    """Single process, PlainEngine: rank 0's and rank 1's k-th micro-batches in turn,
+    accumulated in groups of WORLD * ACCUM, like DeepSpeed's global batch."""
+    from deepmlf_fast.data import make_loader
+    from deepmlf_fast.model.losses import deepmlf_loss
+    from deepmlf_fast.train.evaluate import model_inputs
+    from deepmlf_fast.train.run import Session, build_engine
+
+    cfg = run_config(tmp_path / "ref", data, noise=False, pretrain=False)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=WORLD * ACCUM))
+    session = Session(cfg, torch.device("cpu"))
+    model = session.new_model(SEED)
+    split, tokens = session.data.split("train"), session.tokens["train"]
+    loaders = [make_loader(split, tokens, session.pad_id, MICRO, True, seed=SEED, rank=r, world_size=WORLD)
+               for r in range(WORLD)]
+    engine = build_engine(model, cfg, WORLD * BATCHES)
+    for epoch in range(2):
+        model.train()
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        for batches in zip(*loaders):
+            for batch in batches:
+                loss, _ = deepmlf_loss(model(**model_inputs(batch)), batch.labels, cfg.model.loss)
+                engine.backward(loss)
+                engine.maybe_step()
+        engine.end_epoch()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_matches_single_process_and_resumes(stage, data_file, tmp_path):
+    from deepmlf_fast.train.checkpoint import load_weights
+
+    (tmp_path / "data.pkl").symlink_to(data_file)
+    ds_worker.launch(ds_worker.train_stage, tmp_path, ds_worker.deepspeed_config(tmp_path, f"zero{stage}.json"))
+
+    losses = json.loads((tmp_path / "parity_losses.json").read_text())
+    assert losses[1] < losses[0], losses
+    ds = load_weights(tmp_path / "parity_ds.safetensors")
+    ref = _reference_weights(tmp_path, tmp_path / "data.pkl")
+    for name, want in ref.items():
+        torch.testing.assert_close(ds[name], want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    seed = f"seed_{SEED}"
+    a, b = tmp_path / "A", tmp_path / "B"
+    wa, wb = load_weights(a / seed / "last" / "model.safetensors"), load_weights(b / seed / "last" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+    ha = json.loads((a / seed / "last" / "state.json").read_text())["history"]
+    hb = json.loads((b / seed / "last" / "state.json").read_text())["history"]
+    assert [h["train"]["total"] for h in ha] == pytest.approx([h["train"]["total"] for h in hb], abs=1e-6)
+    ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
+    assert ra["MAE"] == pytest.approx(rb["MAE"], abs=1e-6)
+    assert sorted(p.name for p in (b / seed / "deepspeed").iterdir() if p.is_dir()) == ["step3", "step6"]
+    assert {p.name for p in (b / seed / "deepspeed" / "step6").glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+
+
+@pytest.mark.distributed
+def test_zero3_with_8bit_backbone_keeps_it_replicated(data_file, tmp_path):
+    """LLM.int8 weights cannot be partitioned by ZeRO-3; the backbone stays outside the
+    engine, replicated, and only DeepMLF's trained tensors are partitioned."""
+    (tmp_path / "data.pkl").symlink_to(data_file)
+    ds_worker.launch(ds_worker.train_quantized, tmp_path, ds_worker.deepspeed_config(tmp_path, "zero3.json"), 8)
+    assert (tmp_path / "q" / "results.json").is_file()

@@ -1,0 +1,100 @@
+"""End-to-end training on the synthetic data: learning, resume, results contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from deepmlf_fast.config import (
+    AVEncoderConfig,
+    AVPretrainConfig,
+    DataConfig,
+    FusionConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+)
+from deepmlf_fast.metrics import METRIC_KEYS
+from deepmlf_fast.train import loop
+from deepmlf_fast.train.checkpoint import load_weights
+from deepmlf_fast.train.run import train_run
+
+
+def small_run(tmp_path, name="run", **optim) -> RunConfig:
+    o = dict(batch_size=16, grad_accum=2, lr_mm=1e-3, lr_av=1e-3, warmup_epochs=0.5, cosine_epochs=6,
+             max_epochs=6, early_stop=6, key_metric="MAE")
+    o.update(optim)
+    return RunConfig(
+        model=ModelConfig(
+            backbone="tiny-llama",
+            av=AVEncoderConfig(max_len=20, p_perm=0.1),
+            fusion=FusionConfig(n_tokens=4, mm_layers=(2, 3), n_heads=8),
+            text=TextConfig(max_tokens=32),
+            loss=LossConfig(w_fusion=0.4, w_av=0.8, w_text=0.8, w_clm=0.1),
+        ),
+        data=DataConfig(dataset="mosi", synthetic_sizes=(192, 96, 96)),
+        optim=OptimConfig(**o),
+        pretrain=AVPretrainConfig(lr=1e-3, max_epochs=3, grad_accum=1),
+        train=TrainConfig(output_dir=str(tmp_path / name), seeds=(7,)),
+    )
+
+
+def test_training_learns_and_fuses(tmp_path):
+    cfg = small_run(tmp_path)
+    results = train_run(cfg)
+    seed = results["per_seed"]["7"]
+    history = json.loads((tmp_path / "run" / "seed_7" / "last" / "state.json").read_text())["history"]
+    first_mae = history[0]["valid"]["MAE"]
+    best = seed["valid"]
+    assert best["MAE"] < first_mae - 0.05, (first_mae, best["MAE"])
+    # the multimodal head beats the text-only head (a random tiny LM cannot read the text)
+    assert seed["test"]["MAE"] < seed["test"]["MAE_text"]
+    for key in METRIC_KEYS["mosi"]:
+        assert key in results and results[key] == seed["test"][key]
+    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "results.json").exists()
+    weights = load_weights(tmp_path / "run" / "seed_7" / "best.safetensors")
+    assert weights and not any(k.startswith("lm.") for k in weights)
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    straight = small_run(tmp_path, "straight", max_epochs=3)
+    train_run(straight)
+
+    interrupted = small_run(tmp_path, "interrupted", max_epochs=3)
+    real_epoch = loop.train_epoch
+
+    def crash_in_third_epoch(model, engine, loader, cfg, device, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(model, engine, loader, cfg, device, epoch)
+
+    monkeypatch.setattr(loop, "train_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(interrupted)
+    assert not (tmp_path / "interrupted" / "results.json").exists()
+    monkeypatch.setattr(loop, "train_epoch", real_epoch)
+    train_run(interrupted)  # same configuration: continues from the last finished epoch
+
+    a = load_weights(tmp_path / "straight" / "seed_7" / "last" / "model.safetensors")
+    b = load_weights(tmp_path / "interrupted" / "seed_7" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    ra = json.loads((tmp_path / "straight" / "results.json").read_text())
+    rb = json.loads((tmp_path / "interrupted" / "results.json").read_text())
+    assert ra["MAE"] == pytest.approx(rb["MAE"], abs=1e-6)
+
+
+def test_a_different_configuration_never_mixes_into_an_existing_run(tmp_path):
+    from deepmlf_fast.errors import ConfigError
+
+    cfg = small_run(tmp_path, max_epochs=1)
+    train_run(cfg)
+    changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion=FusionConfig(n_tokens=2, mm_layers=(3,), n_heads=8)))
+    with pytest.raises(ConfigError, match="different configuration"):
+        train_run(changed)
