@@ -11,8 +11,9 @@ Options (each also readable from an environment variable, for scripts):
                                                            disabled, the device's table otherwise
     --bench-steps N             DEEPMLF_BENCH_STEPS         timed training steps per provider
     --bench-rep-ms MS           DEEPMLF_BENCH_REP_MS        CUDA: time budget of the samples of one case
-    --bench-threads N           DEEPMLF_BENCH_THREADS       CPU threads (0: torch's default). On a shared
-                                                           machine 1 avoids OpenMP oversubscription stalls
+    --bench-threads N           DEEPMLF_BENCH_THREADS       CPU threads; 0 (default): torch's default when
+                                                           timing, 1 in smoke runs (avoids OpenMP stalls
+                                                           on shared cores)
     --bench-deadline-s S        DEEPMLF_BENCH_DEADLINE_S    skip cases starting after S seconds (time-boxed runs)
     --bench-results-dir DIR     DEEPMLF_BENCH_RESULTS       where --record writes
 
@@ -66,7 +67,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-rep-ms", type=float, default=float(_env_default("DEEPMLF_BENCH_REP_MS", "100")),
                 help="CUDA: milliseconds of timed replays per case (sample count 25-400)")
     g.addoption("--bench-threads", type=int, default=int(_env_default("DEEPMLF_BENCH_THREADS", "0")),
-                help="CPU threads for torch (0: torch's default); also passed to step subprocesses")
+                help="CPU threads for torch (0: torch's default when timing, 1 when disabled); also used by the "
+                     "step subprocesses")
     g.addoption("--bench-deadline-s", type=float, default=float(_env_default("DEEPMLF_BENCH_DEADLINE_S", "0")),
                 help="skip benchmarks that would start later than this many seconds after the session "
                      "start (0: no deadline), so a time-boxed run still ends and records what it measured")
@@ -88,7 +90,7 @@ class BenchEnv:
     steps: int
     warmup_steps: int
     threads: int
-    """CPU threads requested (0: torch's default)."""
+    """CPU threads of the benchmarks (0: torch's default); set only while a benchmark runs."""
     rep_ms: float
     results_dir: Path
 
@@ -123,10 +125,12 @@ def _resolve_env(config) -> BenchEnv:
             "which is a smoke test, not a measurement"
         )
     threads = config.getoption("bench_threads")
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if threads == 0 and not enabled:
+        # Smoke runs time nothing that matters; one thread avoids OpenMP spin-wait stalls on shared CI
+        # cores, which made single calls 10-100x slower in practice.
+        threads = 1
     return BenchEnv(
-        device=harness.describe_device(device), dtype=getattr(torch, dtype), tier=tier, step_tier=step_tier,
+        device=harness.describe_device(device, threads), dtype=getattr(torch, dtype), tier=tier, step_tier=step_tier,
         enabled=enabled, record=record, steps=steps, warmup_steps=2 if enabled else 1, threads=threads,
         rep_ms=config.getoption("bench_rep_ms"), results_dir=Path(config.getoption("bench_results_dir")),
     )
@@ -162,6 +166,20 @@ def pytest_generate_tests(metafunc):
 def bench_env(pytestconfig) -> BenchEnv:
     """Device, dtype, tiers and switches of this run."""
     return pytestconfig.stash[_ENV]
+
+
+@pytest.fixture(autouse=True)
+def _bench_threads(bench_env: BenchEnv):
+    """Apply --bench-threads to benchmark tests only (the rest of a `pytest` session keeps its own)."""
+    if bench_env.threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(bench_env.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -107,14 +107,14 @@ class DeviceInfo:
         return torch.device(self.kind)
 
 
-def describe_device(kind: str) -> DeviceInfo:
-    """DeviceInfo of 'cpu' or 'cuda' (the current CUDA device)."""
+def describe_device(kind: str, threads: int | None = None) -> DeviceInfo:
+    """DeviceInfo of 'cpu' (with the thread count benchmarks use) or 'cuda' (the current device)."""
     if kind == "cuda":
         name = torch.cuda.get_device_name()
         power = _cuda_power_limit_w()
         label = f"{name} ({power:.0f} W)" if power else name
         return DeviceInfo("cuda", label, device_peak(name))
-    return DeviceInfo("cpu", f"{_cpu_model()} ({torch.get_num_threads()} threads)", None)
+    return DeviceInfo("cpu", f"{_cpu_model()} ({threads or torch.get_num_threads()} threads)", None)
 
 
 def _cuda_power_limit_w() -> float | None:

@@ -30,11 +30,11 @@ def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.d
     device = torch.device(device or "cpu")
     skip = set(getattr(quant_config, "llm_int8_skip_modules", None) or [])
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in list(model.named_modules()):
-        if module is output or not _is_linear(module) or _skipped(name, skip):
-            continue
+    # Names first, modules fetched one at a time: each replaced dense layer is freed at once.
+    names = [n for n, m in model.named_modules() if m is not output and _is_linear(m) and not _skipped(n, skip)]
+    for name in names:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quantized(module, quant_config, device))
+        setattr(model.get_submodule(parent), child, _quantized(model.get_submodule(name), quant_config, device))
     model.requires_grad_(False)
     return model
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from deepmlf_fast.config import RunConfig
+from deepmlf_fast.errors import CheckpointError
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import rng_state, set_rng_state
 from deepmlf_fast.train.deepspeed_config import deepspeed_config_for, stage_of
@@ -55,7 +56,7 @@ class DeepSpeedEngine:
             client = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
             model_parameters = None
         period = max(self.steps_per_epoch(n_batches), 1)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.ds, _, _, _ = deepspeed.initialize(
             model=model, optimizer=client, model_parameters=model_parameters,
             lr_scheduler=lambda opt: schedule_for(opt, cfg.optim, period), config=self.config,
         )
@@ -118,8 +119,6 @@ class DeepSpeedEngine:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore module, optimizer, scheduler and this rank's RNG from the named checkpoint."""
-        from deepmlf_fast.errors import CheckpointError
-
         tag = state.get("deepspeed_tag")
         if tag is None:
             raise CheckpointError(
@@ -134,8 +133,9 @@ class DeepSpeedEngine:
             set_rng_state(torch.load(rng, weights_only=True))
         self._tags = [tag]
 
-    def model_state(self, model=None) -> dict[str, torch.Tensor]:
-        """Trained weights on the CPU (ZeRO-3: gathered one module at a time; all ranks call)."""
+    def model_state(self, model) -> dict[str, torch.Tensor]:
+        """Trained weights on the CPU (ZeRO-3: gathered one module at a time; all ranks call).
+        `model` (the DeepMLF or `wrap(model)`) is the module this engine was built around."""
         if self.stage < 3:
             return {k: v.detach().cpu() for k, v in self.module.trained_state_dict().items()}
         keep = set(self.module.trained_state_dict())

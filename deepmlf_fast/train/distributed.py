@@ -38,7 +38,11 @@ def init_process_group() -> None:
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))  # DeepSpeed requires it
+    if "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            f"LOCAL_RANK: expected the launcher (deepspeed, torchrun) to set it next to WORLD_SIZE="
+            f"{os.environ['WORLD_SIZE']}, found it unset; launch through one of them or pass --local_rank"
+        )
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

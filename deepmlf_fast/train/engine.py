@@ -23,6 +23,7 @@ import math
 import torch
 
 from deepmlf_fast.config import ParityFlags
+from deepmlf_fast.errors import CheckpointError
 
 
 class PlainEngine:
@@ -123,6 +124,11 @@ class PlainEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "optimizer" not in state:
+            raise CheckpointError(
+                "resume point: expected a single-process optimizer state, found a DeepSpeed checkpoint tag; "
+                "resume with the run's --deepspeed config or start over with --overwrite"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -6,6 +6,9 @@
 
 A run directory can be resumed: finished seeds are skipped, an interrupted seed restarts
 from its last completed epoch.
+
+With `train.deepspeed` set, every rank of the launch runs `train_run`: each trains on its
+shard through a `DeepSpeedEngine`, and only rank 0 writes (see `train/distributed.py`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from deepmlf_fast.config import (
     TextConfig,
     TrainConfig,
 )
+from deepmlf_fast.fileio import write_text_atomic
 
 WORLD = 2
 MICRO, ACCUM, BATCHES = 4, 2, 5
@@ -72,7 +73,7 @@ def deepspeed_config(tmp: Path, name: str) -> Path:
     if raw["zero_optimization"]["stage"] == 3:
         raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = tmp / name
-    path.write_text(json.dumps(raw))
+    write_text_atomic(path, json.dumps(raw))  # every rank writes the same bytes
     return path
 
 
@@ -97,7 +98,28 @@ def _entry(rank: int, fn, world: int, port: int, args) -> None:
 
 
 # -- workers ----------------------------------------------------------------------------------
-def train_stage(tmp: Path, ds_config: Path) -> None:
+def run_all(tmp: Path, data: Path) -> None:
+    """Everything the distributed tests check, in one launch (process start-up and imports
+    cost more than the tiny runs): ZeRO-1/2/3 into tmp/zero<N>, ZeRO-3 with an 8-bit backbone
+    into tmp/zero3_8bit, ZeRO-2 with a 4-bit backbone into tmp/zero2_4bit."""
+    from deepmlf_fast.train import distributed
+
+    distributed.init_process_group()
+    for stage in (1, 2, 3):
+        out = tmp / f"zero{stage}"
+        if distributed.is_main():
+            out.mkdir()
+        distributed.barrier()
+        train_stage(out, data, deepspeed_config(out, f"zero{stage}.json"))
+    for name, config, bits in (("zero3_8bit", "zero3.json", 8), ("zero2_4bit", "zero2.json", 4)):
+        out = tmp / name
+        if distributed.is_main():
+            out.mkdir()
+        distributed.barrier()
+        train_quantized(out, data, deepspeed_config(out, config), bits=bits)
+
+
+def train_stage(tmp: Path, data: Path, ds_config: Path) -> None:
     """Parity part: 2 epochs of DeepSpeed training without noise, straight through
     `loop.train_epoch`; rank 0 writes the trained weights and the epoch losses. Run part:
     an uninterrupted 2-epoch run (B) and a run stopped after epoch 1 and resumed (A)."""
@@ -106,9 +128,7 @@ def train_stage(tmp: Path, ds_config: Path) -> None:
     from deepmlf_fast.train.loop import train_epoch
     from deepmlf_fast.train.run import Session, build_engine, train_run
 
-    data = tmp / "data.pkl"
     cfg = run_config(tmp / "parity", data, ds_config, noise=False, pretrain=False)
-    distributed.init_process_group()
     session = Session(cfg, torch.device("cpu"))
     model = session.new_model(SEED)
     loader = session.loader("train", MICRO, True, SEED)
@@ -132,14 +152,13 @@ def train_stage(tmp: Path, ds_config: Path) -> None:
     train_run(run_config(tmp / "A", data, ds_config, epochs=2), resume=True)
 
 
-def train_quantized(tmp: Path, ds_config: Path, bits: int) -> None:
+def train_quantized(tmp: Path, data: Path, ds_config: Path, bits: int) -> None:
     """One epoch under the given config with an 8-bit or 4-bit backbone."""
     from deepmlf_fast.train import distributed
     from deepmlf_fast.train.run import Session, build_engine, train_run
 
     quant = {"load_in_8bit": True} if bits == 8 else {"load_in_4bit": True}
-    cfg = run_config(tmp / "q", tmp / "data.pkl", ds_config, epochs=1, pretrain=False, **quant)
-    distributed.init_process_group()
+    cfg = run_config(tmp / "q", data, ds_config, epochs=1, pretrain=False, **quant)
     session = Session(cfg, torch.device("cpu"))
     model = session.new_model(SEED)
     engine = build_engine(model, cfg, BATCHES, tmp / "q_engine")

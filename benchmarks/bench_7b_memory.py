@@ -1,0 +1,161 @@
+"""DeepMLF on a Llama-7B-architecture backbone (random weights, LLM.int8), DeepSpeed ZeRO-2
+on one GPU, batch 32: peak GPU memory and training samples/s.
+
+    python3 -P benchmarks/bench_7b_memory.py                      # the recorded configuration
+    python3 -P benchmarks/bench_7b_memory.py --backbone tiny-llama --batch-size 4 --steps 2   # CPU smoke
+
+The model is the MOSEI recipe adapted to the backbone (as `--backbone llama-7b` does), fed
+synthetic MOSEI-shaped batches through the real training stack: `Session` (random-init
+backbone quantized with bitsandbytes), `DeepSpeedEngine` (ZeRO-2 config from
+configs/deepspeed/), `loop.train_epoch`'s forward/loss/backward/step. Peak memory is
+`torch.cuda.max_memory_allocated` over the timed steps (plus the reserved peak), next to
+`deepmlf estimate-memory`'s total for the same configuration. One JSON record per device
+goes to benchmarks/results/bench_7b_memory_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_config(args, data_path: Path, out_dir: Path):
+    from deepmlf_fast.presets import adapt_to_backbone, recipe, resolve_backbone_dims
+
+    cfg = recipe("mosei-gpt2")
+    cfg = adapt_to_backbone(cfg, args.backbone, *resolve_backbone_dims(args.backbone))
+    model = dataclasses.replace(
+        cfg.model, random_init=True, load_in_8bit=args.bits == 8, load_in_4bit=args.bits == 4,
+        backbone_dtype=args.backbone_dtype,
+    )
+    optim = dataclasses.replace(cfg.optim, batch_size=args.batch_size, grad_accum=1)
+    data = dataclasses.replace(cfg.data, path=str(data_path))
+    train = dataclasses.replace(cfg.train, precision=args.precision, deepspeed=str(args.config), output_dir=str(out_dir),
+                                backend=args.backend)
+    return dataclasses.replace(cfg, model=model, optim=optim, data=data, train=train)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="llama-7b")
+    p.add_argument("--bits", type=int, choices=[0, 4, 8], default=8, help="backbone quantization (0: none)")
+    p.add_argument("--backbone-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--config", type=Path, help="DeepSpeed config (default: zero2[_bf16].json for --precision)")
+    p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto", help="attention ops")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warm-up steps)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args()
+    args.config = args.config or REPO / "configs" / "deepspeed" / f"zero2{'_bf16' if args.precision == 'bf16' else ''}.json"
+
+    from deepmlf_fast.data import make_synthetic
+    from deepmlf_fast.memory import GIB, estimate_memory
+    from deepmlf_fast.model.losses import deepmlf_loss
+    from deepmlf_fast.train import distributed
+    from deepmlf_fast.train.evaluate import autocast, model_inputs
+    from deepmlf_fast.train.run import Session, build_engine
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_7b_"))
+    n = args.batch_size * (args.steps + 2)
+    data = make_synthetic(tmp / "mosei.pkl", "mosei", n, args.batch_size, args.batch_size, seed=0)
+    cfg = run_config(args, data, tmp / "run")
+    distributed.init_process_group()  # one process: rank 0 of 1
+    device = distributed.local_device("auto")
+    cuda = device.type == "cuda"
+
+    t0 = time.time()
+    session = Session(cfg, device)
+    cfg = session.cfg
+    model = session.new_model(0)
+    loader = session.loader("train", args.batch_size, True, 0)
+    engine = build_engine(model, cfg, len(loader), tmp / "run")
+    net = engine.wrap(model)
+    net.train()
+    build_s = time.time() - t0
+
+    bf16 = cfg.train.precision == "bf16"
+    batches = [b.to(device) for b in loader][: args.steps + 2]
+    rows = [int(b.text_lengths.sum()) + len(b) * cfg.model.fusion.n_tokens for b in batches]
+
+    def step(batch) -> float:
+        with autocast(device, bf16):
+            out = net(**model_inputs(batch))
+        loss, _ = deepmlf_loss(out, batch.labels, cfg.model.loss)
+        engine.backward(loss)
+        engine.maybe_step()
+        return float(loss.detach())
+
+    losses = [step(b) for b in batches[:2]]  # warm-up: kernel compilation, allocator growth
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses += [step(b) for b in batches[2:]]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    timed = len(batches) - 2
+
+    mean_text = sum(int(b.text_lengths.float().mean()) for b in batches) / len(batches)
+    est = estimate_memory(cfg, zero=engine.stage, gpus=1)
+    est_mean = estimate_memory(cfg, zero=engine.stage, gpus=1, text_tokens=round(mean_text))
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    record = {
+        "device": name,
+        "backbone": cfg.model.backbone,
+        "quantization": {0: "none", 4: "nf4", 8: "int8"}[args.bits],
+        "backbone_dtype": cfg.model.backbone_dtype,
+        "precision": cfg.train.precision,
+        "backend": cfg.train.backend,
+        "deepspeed_config": str(Path(args.config).relative_to(REPO) if Path(args.config).is_relative_to(REPO) else args.config),
+        "zero_stage": engine.stage,
+        "batch_size": args.batch_size,
+        "mm_layers": list(cfg.model.fusion.mm_layers),
+        "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "timed_steps": timed,
+        "samples_per_s": round(timed * args.batch_size / seconds, 2),
+        "packed_rows_per_s": round(sum(rows[2:]) / seconds, 1),
+        "step_ms": round(1000 * seconds / timed, 1),
+        "mean_text_tokens": round(mean_text, 1),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 2) if cuda else None,
+        "estimate_gib_worst_batch": round(est.total / GIB, 2),
+        "estimate_gib_mean_length": round(est_mean.total / GIB, 2),
+        "losses": [round(x, 4) for x in losses],
+        "build_s": round(build_s, 1),
+        "versions": _versions(),
+    }
+    print(json.dumps(record, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "device"
+    path = args.out / f"bench_7b_memory_{slug}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written {path}")
+    distributed.shutdown()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for pkg in ("deepspeed", "bitsandbytes", "transformers", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()
