@@ -122,29 +122,32 @@ def render_micro(suite: str, rows: list[dict], compact: bool) -> list[str]:
 def render_step(rows: list[dict]) -> list[str]:
     """Official vs ours per step configuration of one run."""
     out = [f"### {TITLES['step']}", ""] + run_header(rows)
-    out.append("| config | dtype | official ms (p20–p80) | ours ms (p20–p80) | speed-up | official peak MB | "
-               "ours peak MB | memory ours/official |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    out.append("| config | dtype | official ms (p20–p80) | ours ms (p20–p80) | speed-up | memory ours/official | "
+               "ours, recomputed LM blocks: ms | speed-up | memory ours/official |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     by_shape: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     for r in rows:
         by_shape[(r["shape"], r["dtype"])][r["provider"]] = r
     for (shape, dtype), p in sorted(by_shape.items()):
-        off, ours = p.get("official"), p.get("ours")
+        off = p.get("official")
 
         def t(r):
             if r is None:
                 return "–"
             return f"{_v(r['median_us'], 1, 1e-3)} ({_v(r['p20_us'], 1, 1e-3)}–{_v(r['p80_us'], 1, 1e-3)})"
 
-        mem_ratio = "–"
-        if off and ours and off["peak_mem_mb"] and ours["peak_mem_mb"] and float(off["peak_mem_mb"]) > 0:
-            mem_ratio = f"{float(ours['peak_mem_mb']) / float(off['peak_mem_mb']):.2f}"
-        out.append(
-            f"| {shape} | {dtype} | {t(off)} | {t(ours)} | {_ratio(ours['ratio_vs_official']) if ours else '–'} | "
-            f"{_v(off['peak_mem_mb'], 0) if off else '–'} | {_v(ours['peak_mem_mb'], 0) if ours else '–'} | "
-            f"{mem_ratio} |"
-        )
-    notes = sorted({f"{r['shape']} `{r['provider']}`: {r['note']}" for r in rows if r["note"]})
+        def mem(r):
+            if not (off and r and off["peak_mem_mb"] and r["peak_mem_mb"] and float(off["peak_mem_mb"]) > 0):
+                return "–"
+            return f"{float(r['peak_mem_mb']):.0f}/{float(off['peak_mem_mb']):.0f} MB = {float(r['peak_mem_mb']) / float(off['peak_mem_mb']):.2f}"
+
+        cells = [shape, dtype, t(off)]
+        for name in ("ours", "ours_recompute"):
+            r = p.get(name)
+            cells += [t(r) if name == "ours" else (_v(r["median_us"], 1, 1e-3) if r else "–"),
+                      _ratio(r["ratio_vs_official"]) if r else "–", mem(r)]
+        out.append("| " + " | ".join(cells) + " |")
+    notes = sorted({f"{r['shape']} {r['dtype']} `{r['provider']}`: {r['note']}" for r in rows if r["note"]})
     if notes:
         out += ["", "Notes:"] + [f"- {n}" for n in notes]
     return out + [""]

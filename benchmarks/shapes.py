@@ -302,6 +302,8 @@ STEP_CONFIGS: tuple[StepConfig, ...] = (
     # Recorded CPU table: real SmolLM2-135M (30 layers, MOSI recipe: no CLM) and GPT-2 base
     # architecture with random weights (MOSEI recipe: CLM gamma 1.1).
     StepConfig("smollm2-135m-b16", "smollm2-135m", batch=16, devices=("cpu",)),
+    # The SmolLM2 recipe's own precision (bf16 backbone + autocast on both sides).
+    StepConfig("smollm2-135m-b16-bf16", "smollm2-135m", batch=16, dtype="bfloat16", devices=("cpu",)),
     StepConfig("gpt2-random-b16", "gpt2", batch=16, random_init=True, devices=("cpu",)),
     # GPU table: the released batch 32.
     StepConfig("gpt2-random-b32", "gpt2", batch=32, random_init=True, devices=("cuda",)),

@@ -33,7 +33,8 @@ from shapes import text_lengths
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("official", "ours")
+PROVIDERS = ("official", "ours", "ours_recompute")
+"""`ours_recompute`: deepmlf-fast with activation checkpointing of the frozen LM blocks."""
 CLIP_VALUE = 5.0
 """Official element-wise gradient clip of the MM-side parameters (reference §2.7)."""
 
@@ -188,8 +189,10 @@ def disable_dropout(module: torch.nn.Module) -> None:
 def build_provider(provider: str, cfg: ModelConfig, device, attn_implementation: str = "sdpa"):
     """-> `(module, tokenizer, note)`: deepmlf-fast's DeepMLF, or its official-style twin holding the
     same weights (built from it, then the deepmlf-fast wrapper is dropped)."""
+    if provider == "ours_recompute":
+        cfg = dataclasses.replace(cfg, recompute_lm_blocks=True)
     model, tok, note = build_ours(cfg, device)
-    if provider == "ours":
+    if provider.startswith("ours"):
         return model, tok, note
     if provider != "official":
         raise ValueError(f"provider must be one of {PROVIDERS}, found {provider!r}")
@@ -208,7 +211,7 @@ def forward_loss(provider: str, module, cfg: ModelConfig, batch: StepBatch, bf16
     around the forward only (`deepmlf_fast.train.loop`), the official code around forward and
     losses (the released SmolLM2 recipe).
     """
-    if provider == "ours":
+    if provider.startswith("ours"):
         with _autocast(batch, bf16):
             out = module(batch.ids, batch.lengths, batch.audio, batch.vision)
         loss, parts = deepmlf_loss(out, batch.labels, cfg.loss)

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - (base_mb or 0.0)
 
     b, n = step_cfg.batch, cfg.fusion.n_tokens
-    tokens = batch.real_tokens + b * n if args.provider == "ours" else b * (cfg.text.max_tokens + n)
+    tokens = batch.real_tokens + b * n if args.provider.startswith("ours") else b * (cfg.text.max_tokens + n)
     write_json(args.out, {
         "config": step_cfg.name, "provider": args.provider, "device": args.device, "backbone": cfg.backbone,
         "dtype": cfg.backbone_dtype, "batch": b, "n_fusion": n, "mm_layers": list(cfg.fusion.mm_layers),

@@ -46,6 +46,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--backend", choices=["auto", "triton", "reference"], help="attention op backend")
     g.add_argument("--av-length-masks", action="store_true", help="use per-sample AV lengths (masks)")
+    g.add_argument("--recompute-lm-blocks", action="store_true",
+                   help="activation checkpointing of the frozen LM blocks (less memory, ~15%% more time)")
     g.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen backbone to LLM.int8")
     g.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen backbone to NF4")
     g.add_argument("--random-init", action="store_true", help="backbone architecture with random weights")
@@ -91,6 +93,8 @@ def run_config_from_args(args: argparse.Namespace):
         m = dataclasses.replace(m, parity=args.parity)
     if args.av_length_masks:
         m = dataclasses.replace(m, av=dataclasses.replace(m.av, length_masks=True))
+    if args.recompute_lm_blocks:
+        m = dataclasses.replace(m, recompute_lm_blocks=True)
     m = dataclasses.replace(
         m, load_in_8bit=args.load_in_8bit or m.load_in_8bit, load_in_4bit=args.load_in_4bit or m.load_in_4bit,
         random_init=args.random_init or m.random_init,
@@ -159,19 +163,26 @@ def cmd_estimate_memory(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
-    from deepmlf_fast.train.checkpoint import write_json
-    from deepmlf_fast.train.evaluate import evaluate
+def _trained_split(args):
+    """-> (session, model, loader, device, bf16) for `eval`/`predict` on the requested split."""
+    from deepmlf_fast.train.evaluate import eval_in_bf16
     from deepmlf_fast.train.run import load_run, resolve_device
 
     device = resolve_device(args.device)
     session, model = load_run(args.run, device, args.seed, args.data)
-    cfg = session.cfg
-    bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
-    metrics = evaluate(model, session.loader(args.split, cfg.train.eval_batch_size, False), cfg.data.dataset,
-                       device, bf16, desc=args.split)
-    print(format_metrics({k: metrics[k] for k in METRIC_KEYS[cfg.data.dataset]}))
+    loader = session.loader(args.split, session.cfg.train.eval_batch_size, False)
+    return session, model, loader, device, eval_in_bf16(session.cfg)
+
+
+def cmd_eval(args) -> int:
+    from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
+    from deepmlf_fast.train.checkpoint import write_json
+    from deepmlf_fast.train.evaluate import evaluate
+
+    session, model, loader, device, bf16 = _trained_split(args)
+    dataset = session.cfg.data.dataset
+    metrics = evaluate(model, loader, dataset, device, bf16, desc=args.split)
+    print(format_metrics({k: metrics[k] for k in METRIC_KEYS[dataset]}))
     out = Path(args.run) / f"eval_{args.split}.json"
     write_json(out, {"split": args.split, "data": session.data.source, "metrics": metrics})
     print(f"written {out}")
@@ -181,21 +192,17 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from deepmlf_fast.fileio import atomic_path
     from deepmlf_fast.train.evaluate import predict
-    from deepmlf_fast.train.run import load_run, resolve_device
 
-    device = resolve_device(args.device)
-    session, model = load_run(args.run, device, args.seed, args.data)
-    cfg = session.cfg
-    bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
-    p = predict(model, session.loader(args.split, cfg.train.eval_batch_size, False), device, bf16, desc=args.split)
+    session, model, loader, device, bf16 = _trained_split(args)
+    p = predict(model, loader, device, bf16, desc=args.split)
     ids = session.data.split(args.split).ids
+    heads = ("pred", "pred_text", "pred_av", "pred_fusion")
     out = Path(args.out or Path(args.run) / f"predictions_{args.split}.csv")
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "label", "pred", "pred_text", "pred_av", "pred_fusion"])
+        w.writerow(["id", "label", *heads])
         for i in range(len(p["pred"])):
-            w.writerow([ids[int(p["index"][i])], f"{p['labels'][i]:.6g}", f"{p['pred'][i]:.6g}",
-                        f"{p['pred_text'][i]:.6g}", f"{p['pred_av'][i]:.6g}", f"{p['pred_fusion'][i]:.6g}"])
+            w.writerow([ids[int(p["index"][i])], f"{p['labels'][i]:.6g}", *(f"{p[h][i]:.6g}" for h in heads)])
     print(f"written {out} ({len(p['pred'])} rows)")
     return 0
 

@@ -196,7 +196,9 @@ def estimate_memory(
         f"backbone {quant} ({lin} linears)",
         f"MM blocks after backbone blocks {list(m.fusion.mm_layers)}; "
         + (f"text rows up to block {min(m.fusion.mm_layers)} run without autograd" if m.text_prefix_no_grad
-           else "text rows run with autograd in every block"),
+           else "text rows run with autograd in every block")
+        + ("; the other backbone blocks are recomputed in backward (--recompute-lm-blocks)" if m.recompute_lm_blocks
+           else ""),
         "attention saves q, k, v, o and log-sum-exp (FlashAttention-style kernels); the CPU reference path saves padded copies",
         "not included: CUDA context and allocator reserve (~0.5-2 GiB), the data batch, kernel workspaces; "
         "the total adds the transient lines to the rest (an upper bound: they do not all peak together)",
@@ -230,8 +232,12 @@ def _activations(cfg: RunConfig, c, batch: int, text_len: int, act: int, mm_act:
                           f"{lower} blocks: fusion rows only ({n_fusion}) + text K/V ({n_text} rows)"))
     else:
         lower, upper = 0, n_layers
-    lines.append(Line("activations: backbone blocks", upper * rows * per_row,
-                      f"{upper} blocks x {rows} packed rows x {per_row / 1024:.0f} KiB"))
+    if m.recompute_lm_blocks:
+        lines.append(Line("activations: backbone blocks (recomputed)", upper * rows * dim * act,
+                          f"{upper} blocks x {rows} packed rows: only each block's input is kept"))
+    else:
+        lines.append(Line("activations: backbone blocks", upper * rows * per_row,
+                          f"{upper} blocks x {rows} packed rows x {per_row / 1024:.0f} KiB"))
     ffn_rows = rows if m.fusion.combine else n_fusion
     ffn = (4 * dim + 4 * inner) * mm_act if llama else (3 * dim + 2 * inner) * mm_act
     xattn = n_fusion * 5 * dim * mm_act + batch * m.av.max_len * 2 * dim * mm_act

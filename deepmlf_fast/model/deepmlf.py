@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from deepmlf_fast.backbones.arch import ArchSpec, get_path
 from deepmlf_fast.config import ModelConfig
@@ -224,8 +225,12 @@ class DeepMLF(nn.Module):
             max_length_q=layout.max_seqlen, max_length_k=layout.max_seqlen,
             deepmlf_backend=self.backend, **self._positions(hidden, layout.position_ids),
         )
+        recompute = self.cfg.recompute_lm_blocks and torch.is_grad_enabled()
         for i in range(start, n_layers):
-            hidden = self._layer(i, hidden, full)
+            if recompute:
+                hidden = checkpoint(self._layer, i, hidden, full, use_reentrant=False)
+            else:
+                hidden = self._layer(i, hidden, full)
             if i in mm:
                 hidden = self._mm(i, hidden, layout, av, av_len)
         return hidden

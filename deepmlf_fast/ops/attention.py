@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from deepmlf_fast.ops.dispatch import resolve_backend
 
+MATH_PATH_MAX_KEYS = 256
+
 
 def varlen_attention(
     q: torch.Tensor,
@@ -89,7 +91,8 @@ def varlen_attention_reference(
     seqused_k: torch.Tensor | None = None,
     dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch `varlen_attention`: pad, masked SDPA (or explicit softmax), unpad.
+    """Plain PyTorch `varlen_attention`: pad, masked softmax attention, unpad (SDPA beyond
+    `MATH_PATH_MAX_KEYS` keys, where the explicit scores would cost too much memory).
 
     `dropout_mask`, when given, is a `(B, Hq, max_seqlen_q, max_seqlen_k)` bool keep-mask
     applied instead of random dropout (tests use it to replay a kernel's dropout).
@@ -108,9 +111,9 @@ def varlen_attention_reference(
     kp = k.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((b_k, pos_k), k)
     vp = v.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((b_k, pos_k), v)
     qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, L, d)
-    if hkv != hq:
-        kp = kp.repeat_interleave(hq // hkv, dim=1)
-        vp = vp.repeat_interleave(hq // hkv, dim=1)
+    group = hq // hkv
+    # GQA without copying K/V: the G query heads of a K/V head become G blocks of query rows.
+    qp = qp.reshape(bsz, hkv, group * max_seqlen_q, d)  # (B, Hkv, G*Lq, d)
 
     i = torch.arange(max_seqlen_q, device=q.device)
     j = torch.arange(max_seqlen_k, device=q.device)
@@ -124,18 +127,24 @@ def varlen_attention_reference(
     # see key 0 and zero its output instead, so its gradient is exactly zero.
     safe = visible.clone()
     safe[..., 0] |= ~has_key
-    mask = safe[:, None]  # (B, 1, Lq, Lk)
+    mask = safe[:, None].repeat(1, 1, group, 1)  # (B, 1, G*Lq, Lk)
 
-    if dropout_mask is not None:
-        # fp32 at least, but keep fp64 (a bare .float() would break fp64 gradchecks)
+    if dropout_mask is not None or max_seqlen_k <= MATH_PATH_MAX_KEYS:
+        # Explicit softmax: at these lengths it is several times faster on CPU than SDPA's
+        # fused kernel (whose bf16 backward is slow), and it can replay a given dropout mask.
+        # Scores in fp32 at least, but fp64 stays fp64 (fp64 gradchecks).
         acc = torch.promote_types(q.dtype, torch.float32)
-        s = torch.matmul(qp.to(acc), kp.to(acc).transpose(-1, -2)) * scale
+        s = torch.matmul(qp, kp.transpose(-1, -2)).to(acc) * scale  # (B, Hkv, G*Lq, Lk)
         p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
-        out = torch.matmul(p.to(vp.dtype), vp)
+        if dropout_mask is not None:
+            keep = dropout_mask.reshape(bsz, hkv, group * max_seqlen_q, max_seqlen_k)
+            p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+        elif dropout_p > 0.0:
+            p = F.dropout(p, p=dropout_p, training=True)
+        out = torch.matmul(p.to(vp.dtype), vp)  # (B, Hkv, G*Lq, d)
     else:
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    out = out * has_key[:, None, :, None].to(out.dtype)
+    out = out.view(bsz, hq, max_seqlen_q, d) * has_key[:, None, :, None].to(out.dtype)  # (B, Hq, Lq, d)
     return out.transpose(1, 2)[b_q, pos_q]  # (Nq, Hq, d)
 
 

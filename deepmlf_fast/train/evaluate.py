@@ -18,6 +18,11 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def eval_in_bf16(cfg) -> bool:
+    """Whether evaluation runs under bf16 autocast: when training does, or in official parity."""
+    return cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
+
+
 def model_inputs(batch) -> dict:
     """The keyword arguments `DeepMLF.forward` takes, from a `Batch`."""
     return dict(

@@ -20,7 +20,7 @@ from deepmlf_fast.config import RunConfig
 from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import TrainState, load_resume, load_weights, save_resume, save_weights, set_rng_state
-from deepmlf_fast.train.evaluate import autocast, evaluate, model_inputs
+from deepmlf_fast.train.evaluate import autocast, eval_in_bf16, evaluate, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, device: to
     `seed_dir/last` when it exists. In a distributed run every rank calls it (`model` is
     `engine.wrap(model)`); train losses are averaged over ranks and only rank 0 writes."""
     key = cfg.optim.key_metric
-    eval_bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
+    eval_bf16 = eval_in_bf16(cfg)
     state = TrainState()
     last, best_path = seed_dir / "last", seed_dir / "best.safetensors"
     if last.exists():

@@ -36,7 +36,7 @@ from deepmlf_fast.model.deepmlf import DeepMLF
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import load_weights, write_json
 from deepmlf_fast.train.engine import PlainEngine
-from deepmlf_fast.train.evaluate import evaluate
+from deepmlf_fast.train.evaluate import eval_in_bf16, evaluate
 from deepmlf_fast.train.loop import fit
 from deepmlf_fast.train.optim import build_optimizer, schedule_for
 from deepmlf_fast.train.pretrain import load_av_encoder, pretrain_av
@@ -227,7 +227,7 @@ def _run_seed(session: Session, seed: int, seed_dir: Path) -> dict:
     engine = build_engine(model, cfg, len(train_loader), seed_dir)
     net = engine.wrap(model)
     state = fit(net, engine, loaders, cfg, seed_dir, session.device)
-    eval_bf16 = cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
+    eval_bf16 = eval_in_bf16(cfg)
     test = evaluate(net, session.loader("test", cfg.train.eval_batch_size, False), cfg.data.dataset,
                     session.device, eval_bf16, desc="test")
     log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in METRIC_KEYS[cfg.data.dataset]}))

@@ -145,3 +145,20 @@ def test_trained_state_dict_excludes_backbone_and_round_trips():
     assert torch.equal(other.fusion_tokens, model.fusion_tokens)
     with pytest.raises(KeyError, match="missing"):
         other.load_trained_state_dict({k: v for k, v in state.items() if k != "fusion_tokens"})
+
+
+def test_recomputed_lm_blocks_give_the_same_gradients(backbone):
+    model, tok = make_model(backbone)
+    model.train()
+    batch = make_batch(tok)
+    grads = []
+    for recompute in (False, True):
+        model.cfg.recompute_lm_blocks = recompute
+        model.zero_grad()
+        torch.manual_seed(0)  # same dropout draws; checkpointing replays the RNG state
+        out = model(**batch, clm=True)
+        (out["pred"].sum() + out["pred_fusion"].sum() + out["clm_loss"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5, msg=k)
