@@ -113,6 +113,18 @@ def _gated_linear_jobs(full: bool):
                  BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
             unit_strides=("stride_don",),
         ))
+    # Under bf16 autocast the residual stream stays fp32 while the product runs in bf16.
+    cfg = configs[0]
+    jobs.append(_job(
+        "gated_linear_fwd", dict(X="fp32", H="bf16", W="bf16", ALPHA="fp32", OUT="fp32", Y="bf16", SEED="i64"),
+        dict(GATE_TANH=False, ALPHA_PER_CHANNEL=False, DROPOUT=True, UPCAST=False, **cfg.kwargs),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, unit_strides=("stride_xn", "stride_hk", "stride_wk"),
+    ))
+    jobs.append(_job(
+        "gated_linear_bwd", dict(DOUT="fp32", Y="bf16", ALPHA="fp32", SEED="i64", DZ="bf16", PARTIAL="fp32"),
+        dict(GATE_TANH=False, ALPHA_PER_CHANNEL=False, DROPOUT=True, BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
+        unit_strides=("stride_don",),
+    ))
     jobs.append(_job("gated_linear_mask", dict(SEED="i64", MASK="i8"),
                      dict(BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N)))
     return jobs

@@ -79,18 +79,22 @@ def gated_cross_attention_triton(
         seed = new_seed(x.device, 2)
     attn_seed, resid_seed = (None, None) if seed is None else (seed[0:1], seed[1:2])
 
-    xn = normalize(x, norm_weight, norm_bias, norm, norm_eps)
+    # The kernels take one dtype for q/k/v and for h/w: autocast's, when it is on (custom
+    # ops are not autocast), else x's. The residual x keeps its own dtype.
+    ct = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    xn = normalize(x, norm_weight, norm_bias, norm, norm_eps).to(ct)
+    av = av.to(ct)
     if form == "absorbed":
-        m_q, n_o = absorbed_weights(w_q, w_kv, w_o, n_heads)  # (D, H*Dkv), (H*Dkv, D)
+        m_q, n_o = (w.to(ct) for w in absorbed_weights(w_q, w_kv, w_o, n_heads))  # (D, H*Dkv), (H*Dkv, D)
         q = (xn @ m_q).view(bsz * n_q, n_heads, dkv)  # (B*F, H, Dkv)
         k = v = av.reshape(bsz * n_kv, 1, dkv)  # (B*L, 1, Dkv): one kv head shared by all H
         w_out = n_o.t()  # (D, H*Dkv), nn.Linear layout
     elif form == "plain":
-        q = (xn @ w_q.t()).view(bsz * n_q, n_heads, head_dim)  # (B*F, H, Dh)
-        kv = av @ w_kv.t()  # (B, L, 2D)
+        q = (xn @ w_q.to(ct).t()).view(bsz * n_q, n_heads, head_dim)  # (B*F, H, Dh)
+        kv = av @ w_kv.to(ct).t()  # (B, L, 2D)
         k = kv[..., :dim].reshape(bsz * n_kv, n_heads, head_dim)  # (B*L, H, Dh), strided view
         v = kv[..., dim:].reshape(bsz * n_kv, n_heads, head_dim)
-        w_out = w_o
+        w_out = w_o.to(ct)
     else:
         raise ValueError(f"gated_cross_attention_triton: form must be 'plain' or 'absorbed', found {form!r}")
 

@@ -155,11 +155,11 @@ BWD_BLOCK_M, BWD_BLOCK_N = 64, 64
 
 def gated_linear_forward(x, h, w, alpha, seed, gate, dropout_p):
     """Launch the forward GEMM. x `(M, N)`, h `(M, K)`, w `(N, K)`.
-    Returns `out (M, N)` and `y = dropout(h @ W^T) (M, N)`, both in x's dtype."""
+    Returns `out (M, N)` in x's dtype and `y = dropout(h @ W^T) (M, N)` in h's dtype."""
     m, n = x.shape
     k = h.shape[1]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=h.dtype, device=x.device)
     if m == 0 or n == 0:
         return out, y
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
@@ -214,7 +214,7 @@ def _gated_linear_fwd_op(
 
 @_gated_linear_fwd_op.register_fake
 def _(x, h, w, alpha, seed, gate, dropout_p):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+    return x.new_empty(x.shape), h.new_empty(x.shape)
 
 
 @torch.library.custom_op("deepmlf::gated_linear_bwd", mutates_args=())
@@ -266,7 +266,8 @@ def gated_linear(
             `gated_linear_dropout_mask(seed, M, N, dropout_p)`, M = prod of leading dims).
 
     Returns:
-        `(..., N)` in x's dtype.
+        `(..., N)` in x's dtype. h and w must share a dtype (the one the product is computed
+        in); x may differ (an fp32 residual stream under bf16 autocast keeps its precision).
     """
     if gate not in GATES:
         raise ValueError(f"gated_linear: gate must be one of {GATES}, found {gate!r}")
@@ -274,8 +275,8 @@ def gated_linear(
     if x.shape[-1] != n or h.shape[-1] != k or x.shape[:-1] != h.shape[:-1]:
         raise ValueError(f"gated_linear: shapes x {tuple(x.shape)}, h {tuple(h.shape)}, w {tuple(w.shape)} "
                          "do not fit x (..., N), h (..., K), w (N, K)")
-    if h.dtype != x.dtype or w.dtype != x.dtype:
-        raise TypeError(f"gated_linear: x, h, w must share a dtype, found {x.dtype}, {h.dtype}, {w.dtype}")
+    if h.dtype != w.dtype:
+        raise TypeError(f"gated_linear: h and w must share a dtype, found {h.dtype} and {w.dtype}")
     if alpha.numel() not in (1, n):
         raise ValueError(f"gated_linear: alpha must have 1 or {n} elements, found {tuple(alpha.shape)}")
     dropout_p = float(dropout_p)

@@ -66,6 +66,11 @@ def varlen_attention(
     if resolve_backend(backend, q) == "triton":
         from deepmlf_fast.kernels.attention import varlen_attention_triton
 
+        if torch.is_autocast_enabled(q.device.type):
+            # Custom ops are not autocast; under autocast, rotary embeddings in fp32 leave q/k
+            # fp32 while v comes out of a linear in the autocast dtype: run all three in the latter.
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return varlen_attention_triton(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             causal=causal, scale=scale, dropout_p=dropout_p, seqused_k=seqused_k,

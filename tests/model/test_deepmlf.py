@@ -162,3 +162,20 @@ def test_recomputed_lm_blocks_give_the_same_gradients(backbone):
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_av_length_masks_make_av_padding_irrelevant_end_to_end():
+    model, tok = make_model("tiny-gpt2")
+    model.cfg.av.length_masks = True
+    model.eval()
+    batch = make_batch(tok, ta=40, tv=30)
+    lengths = dict(audio_lengths=torch.tensor([40, 12, 25]), vision_lengths=torch.tensor([30, 9, 30]))
+    noisy = dict(batch, audio=batch["audio"].clone(), vision=batch["vision"].clone())
+    noisy["audio"][1, 12:] = 7.0
+    noisy["vision"][1, 9:] = -7.0
+    with torch.no_grad():
+        a = model(**batch, **lengths)
+        b = model(**noisy, **lengths)
+        c = model(**noisy)  # without lengths the official behaviour sees the padding
+    torch.testing.assert_close(a["pred"], b["pred"])
+    assert not torch.allclose(a["pred"][1], c["pred"][1])

@@ -30,3 +30,21 @@ def test_fused_model_matches_reference_model(device, backbone, parity, form):
         scale = ref_grads[name].abs().max().item() + 1e-6
         err = (fused_grads[name] - ref_grads[name]).abs().max().item()
         assert err <= 1e-4 * scale + 1e-6, f"{name}: {err:.3g} (scale {scale:.3g})"
+
+
+def test_fused_model_under_bf16_autocast(device):
+    """Custom ops are not autocast: the Triton path casts to autocast's dtype itself, and the
+    fp32 residual stream keeps its precision."""
+    model, tok = make_model("tiny-llama", xattn_form="absorbed")
+    model = model.to(device).eval()
+    batch = {k: v.to(device) for k, v in make_batch(tok, texts=["fine work", "bad"]).items()}
+    outs = {}
+    for backend in ("reference", "triton"):
+        model.set_backend(backend)
+        model.zero_grad()
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            out = model(**batch)
+        out["pred"].float().sum().backward()
+        outs[backend] = (out["pred"].float(), model.fusion_tokens.grad.clone())
+    torch.testing.assert_close(outs["triton"][0], outs["reference"][0], atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(outs["triton"][1], outs["reference"][1], atol=5e-2, rtol=1e-1)

@@ -153,8 +153,11 @@ def test_zero_stage_trains_like_a_single_process(stage, runs, reference):
     losses = json.loads((out / "parity_losses.json").read_text())
     assert losses[1] < losses[0], losses
     ds = load_weights(out / "parity_ds.safetensors")
+    # Summation order differs between 2 ranks and one process (and Adam scales near-zero
+    # gradients up), so allow a tenth of one learning-rate step (1e-3); summing instead of
+    # averaging, or a lost micro-batch, moves weights by whole steps.
     for name, want in reference.items():
-        torch.testing.assert_close(ds[name], want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ds[name], want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.distributed
