@@ -1,12 +1,11 @@
-"""Packaging shim: installs the top-level `kernels/` folder as `deepmlf_fast.kernels`.
-
-`transformers` probes for an unrelated package called `kernels`, so the folder must never
-be importable under that name.
-"""
+"""Packaging: the `deepmlf_fast` package, and the Triton kernels, which live in the top-level
+`kernels/` folder as the package `kernels/deepmlf_kernels/` and import as `deepmlf_kernels`
+(import name = folder name; a bare top-level `kernels` would clash with an unrelated package
+that transformers probes for)."""
 
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["deepmlf_fast", "deepmlf_fast.*"]) + ["deepmlf_fast.kernels"],
-    package_dir={"deepmlf_fast.kernels": "kernels"},
+    packages=find_packages(include=["deepmlf_fast", "deepmlf_fast.*"]) + ["deepmlf_kernels"],
+    package_dir={"deepmlf_kernels": "kernels/deepmlf_kernels"},
 )

@@ -2,7 +2,7 @@
 # GPU check of deepmlf-fast in one call, on a machine with a CUDA GPU:
 #
 #   1. env          device, driver and library versions; carried wheels (.whl/) installed
-#   2. compile      python -m deepmlf_fast.kernels.aot (every Triton kernel)
+#   2. compile      python -m deepmlf_kernels.aot (every Triton kernel)
 #   3. correctness  pytest tests/ops -x on the device
 #   4. xattn        cross-attention microbenchmarks, timed, recorded (--record)
 #   5. sattn        self-attention microbenchmarks, timed, recorded (compiles FlexAttention per shape)
@@ -69,9 +69,9 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# deepmlf_fast.kernels lives in the top-level kernels/ folder (setup.py maps it). Without an install,
-# expose the repo through a symlink tree so `deepmlf_fast.kernels` resolves to kernels/.
-if ! "${PY[@]}" -c "import deepmlf_fast.kernels" 2>/dev/null; then
+# deepmlf_kernels lives in the top-level kernels/ folder (setup.py maps it). Without an install,
+# expose the repo through a symlink tree so `deepmlf_kernels` resolves to kernels/.
+if ! "${PY[@]}" -c "import deepmlf_kernels" 2>/dev/null; then
   SHIM=/tmp/deepmlf_shim
   rm -rf "$SHIM" && mkdir -p "$SHIM/deepmlf_fast"
   for entry in "$REPO"/deepmlf_fast/*; do ln -s "$entry" "$SHIM/deepmlf_fast/$(basename "$entry")"; done
@@ -79,7 +79,7 @@ if ! "${PY[@]}" -c "import deepmlf_fast.kernels" 2>/dev/null; then
   export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
   echo "deepmlf_fast exposed through $SHIM"
 fi
-"${PY[@]}" -c "import deepmlf_fast, deepmlf_fast.kernels; print('deepmlf_fast from', deepmlf_fast.__file__)" \
+"${PY[@]}" -c "import deepmlf_fast, deepmlf_kernels; print('deepmlf_fast from', deepmlf_fast.__file__)" \
   || FAILED+=("import")
 
 if want env; then
@@ -99,11 +99,11 @@ EOF'
 fi
 
 if want compile; then
-  if "${PY[@]}" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepmlf_fast.kernels.aot') is None)"; then
-    run_section compile 90 "${PY[@]}" -m deepmlf_fast.kernels.aot
+  if "${PY[@]}" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepmlf_kernels.aot') is None)"; then
+    run_section compile 90 "${PY[@]}" -m deepmlf_kernels.aot
   else
     banner "compile"
-    echo "!! compile: deepmlf_fast.kernels.aot does not exist yet"
+    echo "!! compile: deepmlf_kernels.aot does not exist yet"
     FAILED+=("compile")
   fi
 fi

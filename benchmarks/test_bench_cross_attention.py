@@ -51,8 +51,8 @@ def triton_cross_attention_available() -> str | None:
         return "needs a CUDA device"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if importlib.util.find_spec("deepmlf_fast.kernels.cross_attention") is None:
-        return "deepmlf_fast.kernels.cross_attention does not exist yet"
+    if importlib.util.find_spec("deepmlf_kernels") is None:
+        return "deepmlf_kernels is not importable"
     return None
 
 

@@ -6,7 +6,7 @@ which unpads and routes to the same op.
 
 `varlen_attention_reference` is the plain PyTorch reference with the same signature:
 the CPU path and the test oracle. The Triton path lives in
-`deepmlf_fast.kernels.attention` and is chosen on CUDA (see `resolve_backend`).
+`deepmlf_kernels.attention` and is chosen on CUDA (see `resolve_backend`).
 
 Semantics shared by every backend:
 * sample b owns query rows `cu_seqlens_q[b]:cu_seqlens_q[b+1]` and key rows
@@ -64,7 +64,7 @@ def varlen_attention(
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
     if resolve_backend(backend, q) == "triton":
-        from deepmlf_fast.kernels.attention import varlen_attention_triton
+        from deepmlf_kernels.attention import varlen_attention_triton
 
         if torch.is_autocast_enabled(q.device.type):
             # Custom ops are not autocast; under autocast, rotary embeddings in fp32 leave q/k

@@ -14,8 +14,22 @@ head dimension, so the op can evaluate it in two orders that compute the same fu
 
 `choose_form` picks the cheaper order from the shapes. `gated_cross_attention` is the
 public op (argument checks, dispatch); `gated_cross_attention_reference` the plain
-PyTorch version with the same signature (CPU path, test oracle). The Triton path lives
-in `deepmlf_fast.kernels.cross_attention`.
+PyTorch version with the same signature (CPU path, test oracle);
+`gated_cross_attention_triton` the CUDA path, which wires two Triton launches
+(`deepmlf_kernels`):
+
+    norm, query projection          torch (F.layer_norm / F.rms_norm, one GEMM)
+    [plain] K/V projection          torch (one GEMM; K and V are strided views of it)
+    attention                       1 launch: varlen attention kernel, non-causal, one
+                                    "sample" per batch row (cu_seqlens_q = b*F,
+                                    cu_seqlens_k = b*L, seqused_k = av_lengths)
+    output projection, dropout,     1 launch: gated-linear GEMM with fused epilogue
+    gate, residual
+
+In the absorbed form the kernel runs multi-query attention (Hkv = 1) whose single key =
+value head is A itself (head dim Dkv = 30, padded to 32 in the kernel). The norm and query
+projection are not fused into the attention kernel: they are cuBLAS GEMMs and cost less
+than the launch they would save at F = 8-20.
 """
 
 from __future__ import annotations
@@ -25,10 +39,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from deepmlf_fast.kernels.projections import absorbed_weights, gate_value, normalize
 from deepmlf_fast.ops.dispatch import resolve_backend
+from deepmlf_fast.ops.gate import GATES, gate_value
+from deepmlf_fast.ops.projections import absorbed_weights, normalize
 
-GATES = ("sigmoid", "tanh")
 NORMS = ("layernorm", "rmsnorm")
 FORMS = ("auto", "plain", "absorbed")
 
@@ -84,8 +98,6 @@ def gated_cross_attention(
         dropout_p=dropout_p, resid_dropout_p=resid_dropout_p, form=form,
     )
     if resolve_backend(backend, x) == "triton":
-        from deepmlf_fast.kernels.cross_attention import gated_cross_attention_triton
-
         return gated_cross_attention_triton(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, **kwargs)
     return gated_cross_attention_reference(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, **kwargs)
 
@@ -153,6 +165,91 @@ def gated_cross_attention_reference(
     y = ctx @ n_o if form == "absorbed" else ctx @ w_o.t()  # (B, F, D)
     y = _dropout(y, resid_dropout_p, resid_dropout_mask)
     return x + gate_value(alpha, gate).to(x.dtype) * y
+
+
+def gated_cross_attention_triton(
+    x: torch.Tensor,
+    av: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    w_q: torch.Tensor,
+    w_kv: torch.Tensor,
+    w_o: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    n_heads: int,
+    norm: str = "layernorm",
+    norm_eps: float = 1e-5,
+    gate: str = "sigmoid",
+    scale: float | None = None,
+    av_lengths: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    resid_dropout_p: float = 0.0,
+    form: str = "plain",
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton `gated_cross_attention` (arguments and semantics as the public op; `form`
+    must already be "plain" or "absorbed").
+
+    `seed`: optional `(2,)` int64 tensor on x's device, the Philox seeds of the attention
+    and residual dropout; drawn from torch's generator when None. Replay the masks with
+    `gated_cross_attention_dropout_masks(seed, ...)`. Returns `(B, F, D)` in x's dtype.
+    """
+    from deepmlf_kernels.attention import new_seed, varlen_attention_triton
+    from deepmlf_kernels.gated_linear import gated_linear
+
+    bsz, n_q, dim = x.shape
+    n_kv, dkv = av.shape[1], av.shape[2]
+    head_dim = dim // n_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if seed is None and (dropout_p > 0.0 or resid_dropout_p > 0.0):
+        seed = new_seed(x.device, 2)
+    attn_seed, resid_seed = (None, None) if seed is None else (seed[0:1], seed[1:2])
+
+    # The kernels take one dtype for q/k/v and for h/w: autocast's, when it is on (custom
+    # ops are not autocast), else x's. The residual x keeps its own dtype.
+    ct = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    xn = normalize(x, norm_weight, norm_bias, norm, norm_eps).to(ct)
+    av = av.to(ct)
+    if form == "absorbed":
+        m_q, n_o = (w.to(ct) for w in absorbed_weights(w_q, w_kv, w_o, n_heads))  # (D, H*Dkv), (H*Dkv, D)
+        q = (xn @ m_q).view(bsz * n_q, n_heads, dkv)  # (B*F, H, Dkv)
+        k = v = av.reshape(bsz * n_kv, 1, dkv)  # (B*L, 1, Dkv): one kv head shared by all H
+        w_out = n_o.t()  # (D, H*Dkv), nn.Linear layout
+    elif form == "plain":
+        q = (xn @ w_q.to(ct).t()).view(bsz * n_q, n_heads, head_dim)  # (B*F, H, Dh)
+        kv = av @ w_kv.to(ct).t()  # (B, L, 2D)
+        k = kv[..., :dim].reshape(bsz * n_kv, n_heads, head_dim)  # (B*L, H, Dh), strided view
+        v = kv[..., dim:].reshape(bsz * n_kv, n_heads, head_dim)
+        w_out = w_o.to(ct)
+    else:
+        raise ValueError(f"gated_cross_attention_triton: form must be 'plain' or 'absorbed', found {form!r}")
+
+    steps = torch.arange(bsz + 1, dtype=torch.int32, device=x.device)
+    ctx = varlen_attention_triton(
+        q, k, v, steps * n_q, steps * n_kv, n_q, n_kv,
+        causal=False, scale=scale, dropout_p=dropout_p, seqused_k=av_lengths, seed=attn_seed,
+    )  # (B*F, H, Dh or Dkv)
+    return gated_linear(x, ctx.view(bsz, n_q, -1), w_out, gate_value(alpha, gate), dropout_p=resid_dropout_p,
+                        seed=resid_seed)
+
+
+def gated_cross_attention_dropout_masks(
+    seed: torch.Tensor, bsz: int, n_q: int, n_kv: int, dim: int, n_heads: int, dropout_p: float,
+    resid_dropout_p: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The keep-masks `gated_cross_attention_triton(..., seed=seed)` applies: `attn_dropout_mask
+    (B, H, F, L)` and `resid_dropout_mask (B, F, D)` bool (None where that dropout is off),
+    ready for `gated_cross_attention_reference`."""
+    from deepmlf_kernels.attention import attention_dropout_mask
+    from deepmlf_kernels.gated_linear import gated_linear_dropout_mask
+
+    attn = resid = None
+    if dropout_p > 0.0:
+        attn = attention_dropout_mask(seed[0:1], bsz, n_heads, n_q, n_kv, dropout_p)
+    if resid_dropout_p > 0.0:
+        resid = gated_linear_dropout_mask(seed[1:2], bsz * n_q, dim, resid_dropout_p).view(bsz, n_q, dim)
+    return attn, resid
 
 
 def choose_form(bsz: int, n_q: int, n_kv: int, dim: int, n_heads: int, dkv: int) -> str:

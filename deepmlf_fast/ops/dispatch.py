@@ -40,7 +40,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
         raise RuntimeError("backend='triton' needs the `triton` package (pip install deepmlf-fast[triton])")
     if not tensor.is_cuda and not triton_interpreted():
         raise RuntimeError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before deepmlf_fast.kernels "
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before deepmlf_kernels "
             "is imported; use backend='reference' or 'auto' on CPU"
         )
     return "triton"

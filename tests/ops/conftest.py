@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter. TRITON_INTERPRET
 must be set before any `@triton.jit` function is defined, i.e. before
-`deepmlf_fast.kernels` is first imported; this conftest is imported before the test
+`deepmlf_kernels` is first imported; this conftest is imported before the test
 modules of this folder, and nothing outside `deepmlf_fast.ops`' Triton branch imports the
 kernels. The variable only changes what `@triton.jit` returns (torch's inductor compiles
 CPU code in C++), so setting it for the whole process leaves other tests alone.
@@ -35,7 +35,7 @@ def device() -> str:
     """"cuda" when the kernels are compiled, "cpu" when interpreted; skips without triton."""
     triton = pytest.importorskip("triton")
     if DEVICE == "cpu" and not triton.knobs.runtime.interpret:
-        pytest.skip("deepmlf_fast.kernels was imported before TRITON_INTERPRET=1 was set")
+        pytest.skip("deepmlf_kernels was imported before TRITON_INTERPRET=1 was set")
     return DEVICE
 
 

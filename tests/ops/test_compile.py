@@ -87,7 +87,7 @@ def test_triton_custom_ops_compile_without_graph_breaks(device):
 
 
 def test_opcheck_attention_ops(device):
-    import deepmlf_fast.kernels.attention  # noqa: F401  (registers the ops)
+    import deepmlf_kernels.attention  # noqa: F401  (registers the ops)
 
     q, k, v, cu = _attention_inputs(device)
     used = torch.tensor([5, 3], dtype=torch.int32, device=device)
@@ -104,17 +104,16 @@ def test_opcheck_attention_ops(device):
 
 
 def test_opcheck_gated_linear_ops(device):
-    import deepmlf_fast.kernels.gated_linear  # noqa: F401  (registers the ops)
+    import deepmlf_kernels.gated_linear  # noqa: F401  (registers the ops)
 
     g = torch.Generator().manual_seed(0)
     x, h = torch.randn(6, 24, generator=g).to(device), torch.randn(6, 16, generator=g).to(device)
-    w, alpha = torch.randn(24, 16, generator=g).to(device), torch.randn(24, generator=g).to(device)
+    w, gate = torch.randn(24, 16, generator=g).to(device), torch.rand(24, generator=g).to(device)
     seed = torch.tensor([3], dtype=torch.int64, device=device)
     fwd = torch.ops.deepmlf.gated_linear_fwd.default
-    for args in ((x, h, w, alpha, None, "sigmoid", 0.0), (x, h, w, alpha[:1].clone(), seed, "tanh", 0.1)):
+    for args in ((x, h, w, gate, None, 0.0), (x, h, w, gate[:1].clone(), seed, 0.1)):
         leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                   for t in args]
         torch.library.opcheck(fwd, tuple(leaves))
-    out, y = fwd(x, h, w, alpha, seed, "tanh", 0.1)
-    torch.library.opcheck(torch.ops.deepmlf.gated_linear_bwd.default, (torch.randn_like(out), y, alpha, seed,
-                                                                        "tanh", 0.1))
+    out, y = fwd(x, h, w, gate, seed, 0.1)
+    torch.library.opcheck(torch.ops.deepmlf.gated_linear_bwd.default, (torch.randn_like(out), y, gate, seed, 0.1))

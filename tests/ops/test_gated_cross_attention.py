@@ -45,14 +45,14 @@ def _fwd_bwd(fn, params, dout, **kw):
 
 
 def _kernel(params, dout, seed=None, **kw):
-    from deepmlf_fast.kernels.cross_attention import gated_cross_attention_triton
+    from deepmlf_fast.ops.cross_attention import gated_cross_attention_triton
 
     return _fwd_bwd(gated_cross_attention_triton, params, dout, seed=seed, **kw)
 
 
 def _check(assert_fa_close, params, dout, **kw):
     """Kernel vs reference in the same dtype vs reference in fp64, replaying the dropout."""
-    from deepmlf_fast.kernels.cross_attention import gated_cross_attention_dropout_masks
+    from deepmlf_fast.ops.cross_attention import gated_cross_attention_dropout_masks
 
     seed = torch.tensor([11, 12], dtype=torch.int64, device=dout.device)
     kernel = _kernel(params, dout, seed=seed, **kw)
@@ -143,7 +143,7 @@ class _LaunchCounter:
 
 
 def test_attention_gate_and_residual_take_two_launches(device, monkeypatch):
-    from deepmlf_fast.kernels import attention, gated_linear
+    from deepmlf_kernels import attention, gated_linear
 
     log = []
     for module in (attention, gated_linear):
@@ -173,7 +173,7 @@ def test_public_op_routes_to_triton(device):
     params, _ = _params(2, 4, 10, 64, device=device)
     torch.manual_seed(0)
     via_op = gated_cross_attention(*params.values(), n_heads=4, dropout_p=0.2, backend="triton")
-    from deepmlf_fast.kernels.cross_attention import gated_cross_attention_triton
+    from deepmlf_fast.ops.cross_attention import gated_cross_attention_triton
     from deepmlf_fast.ops.cross_attention import choose_form
 
     torch.manual_seed(0)

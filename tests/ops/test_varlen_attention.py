@@ -37,7 +37,7 @@ def _fwd_bwd(fn, q, k, v, dout, *args, **kwargs):
 
 
 def _check(assert_fa_close, lens_q, lens_k, hq, hkv, d, dtype, device, *, seqused=None, dropout_p=0.0, **kw):
-    from deepmlf_fast.kernels.attention import attention_dropout_mask, varlen_attention_triton
+    from deepmlf_kernels.attention import attention_dropout_mask, varlen_attention_triton
 
     q, k, v, dout = _inputs(lens_q, lens_k, hq, hkv, d, dtype, device)
     args = (_cu(lens_q, device), _cu(lens_k, device), max(lens_q), max(lens_k))
@@ -98,7 +98,7 @@ def test_cross_lengths_and_empty_rows(device, assert_fa_close, causal, dtype):
 def test_strided_views_read_in_place(device):
     """Non-contiguous q/k/v (a fused qkv buffer, a transposed k) give the same result as
     contiguous copies."""
-    from deepmlf_fast.kernels.attention import varlen_attention_triton
+    from deepmlf_kernels.attention import varlen_attention_triton
 
     lens = [7, 20]
     cu = _cu(lens, device)
@@ -120,7 +120,7 @@ def test_dropout_replays_through_reference(device, assert_fa_close, dtype, causa
 
 
 def test_dropout_keep_rate_and_seeding(device):
-    from deepmlf_fast.kernels.attention import attention_dropout_mask
+    from deepmlf_kernels.attention import attention_dropout_mask
 
     p = 0.3
     seed = torch.tensor([7], dtype=torch.int64, device=device)
@@ -132,7 +132,7 @@ def test_dropout_keep_rate_and_seeding(device):
 
 
 def test_dropout_seed_follows_torch_generator(device):
-    from deepmlf_fast.kernels.attention import varlen_attention_triton
+    from deepmlf_kernels.attention import varlen_attention_triton
 
     q, k, v, _ = _inputs([9], [9], 2, 2, 16, FP32, device)
     cu = _cu([9], device)
@@ -145,7 +145,7 @@ def test_dropout_seed_follows_torch_generator(device):
 
 
 def test_repeated_runs_bitwise_identical(device):
-    from deepmlf_fast.kernels.attention import varlen_attention_triton
+    from deepmlf_kernels.attention import varlen_attention_triton
 
     lens = [65, 7, 30]
     q, k, v, dout = _inputs(lens, lens, 4, 2, 32, BF16, device)
@@ -171,7 +171,7 @@ def test_padded_attention_through_triton(device):
 
 
 def test_rejects_unsupported_dtype(device):
-    from deepmlf_fast.kernels.attention import varlen_attention_triton
+    from deepmlf_kernels.attention import varlen_attention_triton
 
     q = torch.randn(4, 1, 16, dtype=torch.float64, device=device)
     cu = _cu([4], device)

@@ -1,6 +1,5 @@
-"""Plain PyTorch pieces shared by the cross-attention reference (`deepmlf_fast.ops`) and its
-Triton path: the pre-norm, the gate nonlinearity and the absorbed projections. No Triton
-here, so the CPU path can import it without the optional dependency."""
+"""Plain PyTorch pieces of the gated cross-attention shared by its reference and its Triton
+path: the pre-norm and the absorbed projections."""
 
 from __future__ import annotations
 
@@ -25,13 +24,8 @@ def absorbed_weights(w_q: torch.Tensor, w_kv: torch.Tensor, w_o: torch.Tensor, n
     return m_q, n_o
 
 
-def normalize(x, weight, bias, norm: str, eps: float) -> torch.Tensor:
-    """LayerNorm (with optional bias) or RMSNorm over the last dimension."""
+def normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: str, eps: float) -> torch.Tensor:
+    """LayerNorm (with optional bias) or RMSNorm of `x (..., D)` over its last dimension."""
     if norm == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def gate_value(alpha: torch.Tensor, gate: str) -> torch.Tensor:
-    """sigmoid(alpha) or tanh(alpha)."""
-    return torch.sigmoid(alpha) if gate == "sigmoid" else torch.tanh(alpha)

@@ -1,12 +1,14 @@
-"""Gated residual linear in Triton: `out = x + gate(alpha) * dropout(h @ W^T)`.
+"""Gated residual linear in Triton: `out = x + g * dropout(h @ W^T)`.
 
 The epilogue of a Flamingo-style gated block (the attention output projection, the gate
-and the residual) as one GEMM launch.
+and the residual) as one GEMM launch. The kernels take the gate's value g, not its
+parameter: the gate nonlinearity (sigmoid, tanh) lives in `deepmlf_fast.ops.gate` and is
+differentiated by autograd there, so this file knows no gate.
 
 Supports
 * h `(M, K)`, W `(N, K)` (`nn.Linear` layout), x `(M, N)`, any strides; leading dims of
   the public `gated_linear` are flattened;
-* gate `sigmoid(alpha)` or `tanh(alpha)`, alpha a scalar `(1,)`/`()` or per channel `(N,)`;
+* g a scalar `(1,)`/`()` or per channel `(N,)`, any float dtype (read as fp32);
 * dropout on `h @ W^T` from in-kernel Philox: element (m, n) keeps iff
   `tl.rand(seed, m*N + n) > p`, seed read from a 1-element int64 tensor;
   `gated_linear_dropout_mask` materialises the same bits;
@@ -14,13 +16,13 @@ Supports
 * deterministic backward.
 
 Forward: one launch writes `out` and `y = dropout(h @ W^T)` (pre-gate). `y` is saved
-rather than recomputed because d(alpha) needs it: storing it costs one extra M x N write in
+rather than recomputed because dg needs it: storing it costs one extra M x N write in
 the same launch, recomputing it would cost a second GEMM and launch; M = B*F fusion rows
-is small in DeepMLF. `out - x` cannot stand in for it since tanh(0) = 0 at init.
+is small in DeepMLF. `out - x` cannot stand in for it since g = tanh(0) = 0 at init.
 
-Backward: one element-wise kernel writes `dZ = dY * gate * keep / (1-p)` and per-program
+Backward: one element-wise kernel writes `dZ = dY * g * keep / (1-p)` and per-program
 partial sums of `dY * y` (a `(programs_m, N)` buffer per channel or one value per program
-for a scalar alpha), reduced by `torch.sum` in a fixed order; then `dh = dZ W` and
+for a scalar g), reduced by `torch.sum` in a fixed order; then `dh = dZ W` and
 `dW = dZ^T h` are plain torch matmuls (cuBLAS beats a hand-written GEMM there), and
 `dx = dY`.
 """
@@ -32,7 +34,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = triton.knobs.runtime.interpret
-GATES = ("sigmoid", "tanh")
 
 
 def _gemm_configs():
@@ -44,21 +45,12 @@ def _gemm_configs():
 
 
 @triton.jit
-def _gate(alpha, GATE_TANH: tl.constexpr):
-    if GATE_TANH:
-        g = 2.0 * tl.sigmoid(2.0 * alpha) - 1.0  # tanh; Triton has no tl.tanh
+def _load_gate(G, offs_n, mask_n, PER_CHANNEL: tl.constexpr):
+    if PER_CHANNEL:
+        g = tl.load(G + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     else:
-        g = tl.sigmoid(alpha)
+        g = tl.load(G).to(tl.float32)
     return g
-
-
-@triton.jit
-def _load_alpha(ALPHA, offs_n, mask_n, ALPHA_PER_CHANNEL: tl.constexpr):
-    if ALPHA_PER_CHANNEL:
-        alpha = tl.load(ALPHA + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    else:
-        alpha = tl.load(ALPHA).to(tl.float32)
-    return alpha
 
 
 @triton.jit
@@ -68,11 +60,11 @@ def _keep(seed, offs_m, offs_n, n_cols, dropout_p):
 
 @triton.jit
 def _gated_linear_fwd_kernel(
-    X, H, W, ALPHA, OUT, Y, SEED,
+    X, H, W, G, OUT, Y, SEED,
     M, N, K,
     stride_xm, stride_xn, stride_hm, stride_hk, stride_wn, stride_wk, stride_om,
     dropout_p,
-    GATE_TANH: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -100,7 +92,7 @@ def _gated_linear_fwd_kernel(
     if DROPOUT:
         keep = _keep(tl.load(SEED), offs_m, offs_n, N, dropout_p)
         y = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
-    g = _gate(_load_alpha(ALPHA, offs_n, mask_n, ALPHA_PER_CHANNEL), GATE_TANH)
+    g = _load_gate(G, offs_n, mask_n, PER_CHANNEL)
     mask = mask_m[:, None] & mask_n[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     x = tl.load(X + rows * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
@@ -111,11 +103,11 @@ def _gated_linear_fwd_kernel(
 
 @triton.jit
 def _gated_linear_bwd_kernel(
-    DOUT, Y, ALPHA, SEED, DZ, PARTIAL,
+    DOUT, Y, G, SEED, DZ, PARTIAL,
     M, N,
     stride_dom, stride_don, stride_ym,
     dropout_p,
-    GATE_TANH: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -127,14 +119,14 @@ def _gated_linear_bwd_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     dout = tl.load(DOUT + rows * stride_dom + offs_n[None, :] * stride_don, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + rows * stride_ym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = _gate(_load_alpha(ALPHA, offs_n, mask_n, ALPHA_PER_CHANNEL), GATE_TANH)
+    g = _load_gate(G, offs_n, mask_n, PER_CHANNEL)
     dz = dout * g
     if DROPOUT:
         keep = _keep(tl.load(SEED), offs_m, offs_n, N, dropout_p)
         dz = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
     tl.store(DZ + rows * N + offs_n[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
     dgate = dout * y  # d out / d gate, summed below
-    if ALPHA_PER_CHANNEL:
+    if PER_CHANNEL:
         tl.store(PARTIAL + pid_m * N + offs_n, tl.sum(dgate, 0), mask=mask_n)
     else:
         tl.store(PARTIAL + pid_m * tl.num_programs(1) + pid_n, tl.sum(dgate))
@@ -153,7 +145,7 @@ _fwd_kernel = triton.autotune(_gemm_configs(), key=["N", "K", "DROPOUT"])(_gated
 BWD_BLOCK_M, BWD_BLOCK_N = 64, 64
 
 
-def gated_linear_forward(x, h, w, alpha, seed, gate, dropout_p):
+def gated_linear_forward(x, h, w, g, seed, dropout_p):
     """Launch the forward GEMM. x `(M, N)`, h `(M, K)`, w `(N, K)`.
     Returns `out (M, N)` in x's dtype and `y = dropout(h @ W^T) (M, N)` in h's dtype."""
     m, n = x.shape
@@ -164,35 +156,29 @@ def gated_linear_forward(x, h, w, alpha, seed, gate, dropout_p):
         return out, y
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _fwd_kernel[grid](
-        x, h, w, alpha, out, y, alpha if seed is None else seed,  # SEED is only read with dropout
+        x, h, w, g, out, y, g if seed is None else seed,  # SEED is only read with dropout
         m, n, k, *x.stride(), *h.stride(), *w.stride(), out.stride(0), dropout_p,
-        GATE_TANH=gate == "tanh", ALPHA_PER_CHANNEL=alpha.numel() > 1, DROPOUT=dropout_p > 0.0,
-        UPCAST=INTERPRET,
+        PER_CHANNEL=g.numel() > 1, DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET,
     )
     return out, y
 
 
-def gated_linear_backward(dout, y, alpha, seed, gate, dropout_p):
+def gated_linear_backward(dout, y, g, seed, dropout_p):
     """Launch the backward kernel. Returns `dz (M, N)` (gradient of `h @ W^T`, y's dtype)
-    and `dalpha` shaped like alpha."""
+    and `dg` shaped like g."""
     m, n = y.shape
-    per_channel = alpha.numel() > 1
+    per_channel = g.numel() > 1
     grid = (triton.cdiv(m, BWD_BLOCK_M), triton.cdiv(n, BWD_BLOCK_N))
     dz = torch.empty((m, n), dtype=y.dtype, device=y.device)
     partial = torch.empty((grid[0], n) if per_channel else (grid[0] * grid[1],), dtype=torch.float32,
                           device=y.device)
     if m > 0 and n > 0:
         _gated_linear_bwd_kernel[grid](
-            dout, y, alpha, alpha if seed is None else seed, dz, partial,
+            dout, y, g, g if seed is None else seed, dz, partial,
             m, n, *dout.stride(), y.stride(0), dropout_p,
-            GATE_TANH=gate == "tanh", ALPHA_PER_CHANNEL=per_channel, DROPOUT=dropout_p > 0.0,
-            BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
+            PER_CHANNEL=per_channel, DROPOUT=dropout_p > 0.0, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
         )
-    dgate = partial.sum(0)  # (N,) or ()
-    a = alpha.float()
-    g = torch.sigmoid(a) if gate == "sigmoid" else torch.tanh(a)
-    dgate_dalpha = g * (1.0 - g) if gate == "sigmoid" else 1.0 - g * g
-    return dz, (dgate.reshape(alpha.shape) * dgate_dalpha).to(alpha.dtype)
+    return dz, partial.sum(0).reshape(g.shape).to(g.dtype)  # (N,) or one value
 
 
 def gated_linear_dropout_mask(seed: torch.Tensor, m: int, n: int, dropout_p: float) -> torch.Tensor:
@@ -206,41 +192,40 @@ def gated_linear_dropout_mask(seed: torch.Tensor, m: int, n: int, dropout_p: flo
 
 @torch.library.custom_op("deepmlf::gated_linear_fwd", mutates_args=())
 def _gated_linear_fwd_op(
-    x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor | None,
-    gate: str, dropout_p: float,
+    x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, seed: torch.Tensor | None,
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_linear_forward(x, h, w, alpha, seed, gate, dropout_p)
+    return gated_linear_forward(x, h, w, g, seed, dropout_p)
 
 
 @_gated_linear_fwd_op.register_fake
-def _(x, h, w, alpha, seed, gate, dropout_p):
+def _(x, h, w, g, seed, dropout_p):
     return x.new_empty(x.shape), h.new_empty(x.shape)
 
 
 @torch.library.custom_op("deepmlf::gated_linear_bwd", mutates_args=())
 def _gated_linear_bwd_op(
-    dout: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor | None,
-    gate: str, dropout_p: float,
+    dout: torch.Tensor, y: torch.Tensor, g: torch.Tensor, seed: torch.Tensor | None, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_linear_backward(dout, y, alpha, seed, gate, dropout_p)
+    return gated_linear_backward(dout, y, g, seed, dropout_p)
 
 
 @_gated_linear_bwd_op.register_fake
-def _(dout, y, alpha, seed, gate, dropout_p):
-    return y.new_empty(y.shape), alpha.new_empty(alpha.shape)
+def _(dout, y, g, seed, dropout_p):
+    return y.new_empty(y.shape), g.new_empty(g.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    x, h, w, alpha, seed, ctx.gate, ctx.dropout_p = inputs
-    ctx.save_for_backward(h, w, alpha, seed, output[1])
+    x, h, w, g, seed, ctx.dropout_p = inputs
+    ctx.save_for_backward(h, w, g, seed, output[1])
 
 
 def _fwd_backward(ctx, dout, _dy):
-    h, w, alpha, seed, y = ctx.saved_tensors
-    dz, dalpha = _gated_linear_bwd_op(dout, y, alpha, seed, ctx.gate, ctx.dropout_p)
+    h, w, g, seed, y = ctx.saved_tensors
+    dz, dg = _gated_linear_bwd_op(dout, y, g, seed, ctx.dropout_p)
     dh = dz @ w if ctx.needs_input_grad[1] else None  # (M, K)
     dw = dz.t() @ h if ctx.needs_input_grad[2] else None  # (N, K)
-    return dout, dh, dw, dalpha, None, None, None
+    return dout, dh, dw, dg, None, None
 
 
 _gated_linear_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -250,17 +235,16 @@ def gated_linear(
     x: torch.Tensor,
     h: torch.Tensor,
     w: torch.Tensor,
-    alpha: torch.Tensor,
+    g: torch.Tensor,
     *,
-    gate: str = "sigmoid",
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`x + gate(alpha) * dropout(h @ w^T)` in one Triton launch, differentiable in all inputs.
+    """`x + g * dropout(h @ w^T)` in one Triton launch, differentiable in all inputs.
 
     Args:
         x: `(..., N)` residual; h: `(..., K)` with the same leading dims; w: `(N, K)`.
-        alpha: `(1,)`, `()` or `(N,)` gate parameter; gate: "sigmoid" or "tanh".
+        g: `(1,)`, `()` or `(N,)` gate value (e.g. `sigmoid(alpha)`, computed by the caller).
         dropout_p: dropout on `h @ w^T` (pass 0.0 at evaluation).
         seed: optional `(1,)` int64 tensor fixing the dropout bits (replay them with
             `gated_linear_dropout_mask(seed, M, N, dropout_p)`, M = prod of leading dims).
@@ -269,21 +253,19 @@ def gated_linear(
         `(..., N)` in x's dtype. h and w must share a dtype (the one the product is computed
         in); x may differ (an fp32 residual stream under bf16 autocast keeps its precision).
     """
-    if gate not in GATES:
-        raise ValueError(f"gated_linear: gate must be one of {GATES}, found {gate!r}")
     n, k = w.shape
     if x.shape[-1] != n or h.shape[-1] != k or x.shape[:-1] != h.shape[:-1]:
         raise ValueError(f"gated_linear: shapes x {tuple(x.shape)}, h {tuple(h.shape)}, w {tuple(w.shape)} "
                          "do not fit x (..., N), h (..., K), w (N, K)")
     if h.dtype != w.dtype:
         raise TypeError(f"gated_linear: h and w must share a dtype, found {h.dtype} and {w.dtype}")
-    if alpha.numel() not in (1, n):
-        raise ValueError(f"gated_linear: alpha must have 1 or {n} elements, found {tuple(alpha.shape)}")
+    if g.numel() not in (1, n):
+        raise ValueError(f"gated_linear: g must have 1 or {n} elements, found {tuple(g.shape)}")
     dropout_p = float(dropout_p)
     if dropout_p > 0.0:
         if seed is None:
             seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     else:
         seed = None
-    out, _ = _gated_linear_fwd_op(x.reshape(-1, n), h.reshape(-1, k), w, alpha, seed, gate, dropout_p)
+    out, _ = _gated_linear_fwd_op(x.reshape(-1, n), h.reshape(-1, k), w, g.reshape(-1), seed, dropout_p)
     return out.view(x.shape)

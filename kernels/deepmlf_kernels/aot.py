@@ -1,7 +1,7 @@
 """Compile the Triton kernels ahead of time for H100 (sm_90), no GPU needed.
 
-    python -m deepmlf_fast.kernels.aot            # covering set, about a minute on 2 cores
-    python -m deepmlf_fast.kernels.aot --full     # every specialization (for a many-core box)
+    python -m deepmlf_kernels.aot            # covering set, about a minute on 2 cores
+    python -m deepmlf_kernels.aot --full     # every specialization (for a many-core box)
 
 The interpreter accepts code the GPU compiler rejects (a `tl.dot` with a dimension < 16,
 say), so CPU tests alone do not prove the kernels build. This compiles them through
@@ -36,8 +36,8 @@ FLAGS = tuple(itertools.product((True, False), repeat=3))  # (causal, dropout, s
 
 
 def _kernels():
-    from deepmlf_fast.kernels import attention as attn
-    from deepmlf_fast.kernels import gated_linear as gl
+    from deepmlf_kernels import attention as attn
+    from deepmlf_kernels import gated_linear as gl
 
     return attn, gl
 
@@ -95,34 +95,34 @@ def _attention_jobs(full: bool):
 def _gated_linear_jobs(full: bool):
     _, gl = _kernels()
     configs = gl._fwd_kernel.configs
-    flags = list(itertools.product((True, False), repeat=3))  # (tanh gate, per-channel alpha, dropout)
+    flags = list(itertools.product((True, False), repeat=2))  # (per-channel gate, dropout)
     if full:
         cases = [(dt, fl, c) for dt in DTYPES for fl in flags for c in configs]
     else:
         cases = [(DTYPES[i % len(DTYPES)], fl, configs[i % len(configs)]) for i, fl in enumerate(flags)]
     jobs = []
-    for dt, (tanh, per_channel, dropout), cfg in cases:
+    for dt, (per_channel, dropout), cfg in cases:
         jobs.append(_job(
-            "gated_linear_fwd", dict(X=dt, H=dt, W=dt, ALPHA="fp32", OUT=dt, Y=dt, SEED="i64"),
-            dict(GATE_TANH=tanh, ALPHA_PER_CHANNEL=per_channel, DROPOUT=dropout, UPCAST=False, **cfg.kwargs),
+            "gated_linear_fwd", dict(X=dt, H=dt, W=dt, G="fp32", OUT=dt, Y=dt, SEED="i64"),
+            dict(PER_CHANNEL=per_channel, DROPOUT=dropout, UPCAST=False, **cfg.kwargs),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, unit_strides=("stride_xn", "stride_hk", "stride_wk"),
         ))
         jobs.append(_job(
-            "gated_linear_bwd", dict(DOUT=dt, Y=dt, ALPHA="fp32", SEED="i64", DZ=dt, PARTIAL="fp32"),
-            dict(GATE_TANH=tanh, ALPHA_PER_CHANNEL=per_channel, DROPOUT=dropout,
+            "gated_linear_bwd", dict(DOUT=dt, Y=dt, G="fp32", SEED="i64", DZ=dt, PARTIAL="fp32"),
+            dict(PER_CHANNEL=per_channel, DROPOUT=dropout,
                  BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
             unit_strides=("stride_don",),
         ))
     # Under bf16 autocast the residual stream stays fp32 while the product runs in bf16.
     cfg = configs[0]
     jobs.append(_job(
-        "gated_linear_fwd", dict(X="fp32", H="bf16", W="bf16", ALPHA="fp32", OUT="fp32", Y="bf16", SEED="i64"),
-        dict(GATE_TANH=False, ALPHA_PER_CHANNEL=False, DROPOUT=True, UPCAST=False, **cfg.kwargs),
+        "gated_linear_fwd", dict(X="fp32", H="bf16", W="bf16", G="fp32", OUT="fp32", Y="bf16", SEED="i64"),
+        dict(PER_CHANNEL=False, DROPOUT=True, UPCAST=False, **cfg.kwargs),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, unit_strides=("stride_xn", "stride_hk", "stride_wk"),
     ))
     jobs.append(_job(
-        "gated_linear_bwd", dict(DOUT="fp32", Y="bf16", ALPHA="fp32", SEED="i64", DZ="bf16", PARTIAL="fp32"),
-        dict(GATE_TANH=False, ALPHA_PER_CHANNEL=False, DROPOUT=True, BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
+        "gated_linear_bwd", dict(DOUT="fp32", Y="bf16", G="fp32", SEED="i64", DZ="bf16", PARTIAL="fp32"),
+        dict(PER_CHANNEL=False, DROPOUT=True, BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
         unit_strides=("stride_don",),
     ))
     jobs.append(_job("gated_linear_mask", dict(SEED="i64", MASK="i8"),
@@ -170,7 +170,7 @@ def compile_one(job) -> tuple[str, float, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Compile the job list for sm_90, print one line per kernel; 0 if all compiled, else 1."""
-    parser = argparse.ArgumentParser(prog="python -m deepmlf_fast.kernels.aot", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deepmlf_kernels.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="compile the whole cross product")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     args = parser.parse_args(argv)
