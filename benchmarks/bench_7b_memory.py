@@ -2,12 +2,12 @@
 on one GPU, batch 32: peak GPU memory and training samples/s.
 
     python3 -P benchmarks/bench_7b_memory.py                      # the recorded configuration
-    python3 -P benchmarks/bench_7b_memory.py --backbone tiny-llama --batch-size 4 --steps 2   # CPU smoke
+    python3 -P benchmarks/bench_7b_memory.py --backbone tiny-llama --batch-size 4 --steps 2 --precision fp32  # CPU smoke
 
 The model is the MOSEI recipe adapted to the backbone (as `--backbone llama-7b` does), fed
 synthetic MOSEI-shaped batches through the real training stack: `Session` (random-init
 backbone quantized with bitsandbytes), `DeepSpeedEngine` (ZeRO-2 config from
-configs/deepspeed/), `loop.train_epoch`'s forward/loss/backward/step. Peak memory is
+configs/deepspeed/), the training step function's forward/loss, the engine's backward/step. Peak memory is
 `torch.cuda.max_memory_allocated` over the timed steps (plus the reserved peak), next to
 `deepmlf estimate-memory`'s total for the same configuration. One JSON record per device
 goes to benchmarks/results/bench_7b_memory_<device>.json.
@@ -30,14 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_config(args, data_path: Path, out_dir: Path):
-    from deepmlf_fast.presets import adapt_to_backbone, recipe, resolve_backbone_dims
+    from deepmlf_fast.presets import adapt_to_backbone, recipe
 
     cfg = recipe("mosei-gpt2")
-    cfg = adapt_to_backbone(cfg, args.backbone, *resolve_backbone_dims(args.backbone))
-    model = dataclasses.replace(
-        cfg.model, random_init=True, load_in_8bit=args.bits == 8, load_in_4bit=args.bits == 4,
-        backbone_dtype=args.backbone_dtype,
-    )
+    cfg = adapt_to_backbone(cfg, args.backbone)
+    model = dataclasses.replace(cfg.model, random_init=True, load_in_8bit=args.bits == 8, load_in_4bit=args.bits == 4)
     optim = dataclasses.replace(cfg.optim, batch_size=args.batch_size, grad_accum=1)
     data = dataclasses.replace(cfg.data, path=str(data_path))
     train = dataclasses.replace(cfg.train, precision=args.precision, deepspeed=str(args.config), output_dir=str(out_dir),
@@ -49,22 +46,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="llama-7b")
     p.add_argument("--bits", type=int, choices=[0, 4, 8], default=8, help="backbone quantization (0: none)")
-    p.add_argument("--backbone-dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--config", type=Path, help="DeepSpeed config (default: zero2[_bf16].json for --precision)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="bf16",
+                   help="backbone weights + autocast (the policy of `deepmlf_fast.hardware`)")
+    p.add_argument("--config", type=Path, help="DeepSpeed config (default: configs/deepspeed/zero2.json)")
     p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto", help="attention ops")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warm-up steps)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
-    args.config = args.config or REPO / "configs" / "deepspeed" / f"zero2{'_bf16' if args.precision == 'bf16' else ''}.json"
+    args.config = args.config or REPO / "configs" / "deepspeed" / "zero2.json"
 
     from deepmlf_fast.data import make_synthetic
     from deepmlf_fast.memory import GIB, estimate_memory
-    from deepmlf_fast.model.losses import deepmlf_loss
     from deepmlf_fast.train import distributed
-    from deepmlf_fast.train.evaluate import autocast, model_inputs
-    from deepmlf_fast.train.run import Session, build_engine
+    from deepmlf_fast.train.engine import make_engine
+    from deepmlf_fast.train.run import Session
+    from deepmlf_fast.train.step import forward_step
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_7b_"))
     n = args.batch_size * (args.steps + 2)
@@ -79,19 +76,16 @@ def main() -> None:
     cfg = session.cfg
     model = session.new_model(0)
     loader = session.loader("train", args.batch_size, True, 0)
-    engine = build_engine(model, cfg, len(loader), tmp / "run")
+    engine = make_engine("deepmlf", model, cfg, len(loader), tmp / "run")
     net = engine.wrap(model)
     net.train()
     build_s = time.time() - t0
 
-    bf16 = cfg.train.precision == "bf16"
     batches = [b.to(device) for b in loader][: args.steps + 2]
-    rows = [int(b.text_lengths.sum()) + len(b) * cfg.model.fusion.n_tokens for b in batches]
+    rows = [b.layout.n_rows for b in batches]
 
     def step(batch) -> float:
-        with autocast(device, bf16):
-            out = net(**model_inputs(batch))
-        loss, _ = deepmlf_loss(out, batch.labels, cfg.model.loss)
+        loss = forward_step(net, batch, session.train_ctx).loss
         engine.backward(loss)
         engine.maybe_step()
         return float(loss.detach())
@@ -107,7 +101,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     timed = len(batches) - 2
 
-    mean_text = sum(int(b.text_lengths.float().mean()) for b in batches) / len(batches)
+    mean_text = sum(b.layout.n_text / len(b) for b in batches) / len(batches)
     est = estimate_memory(cfg, zero=engine.stage, gpus=1)
     est_mean = estimate_memory(cfg, zero=engine.stage, gpus=1, text_tokens=round(mean_text))
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
@@ -115,9 +109,9 @@ def main() -> None:
         "device": name,
         "backbone": cfg.model.backbone,
         "quantization": {0: "none", 4: "nf4", 8: "int8"}[args.bits],
-        "backbone_dtype": cfg.model.backbone_dtype,
-        "precision": cfg.train.precision,
-        "backend": cfg.train.backend,
+        "precision": cfg.resolved.precision,
+        "precision_reason": cfg.resolved.precision_reason,
+        "backend": cfg.resolved.attention_backend,
         "deepspeed_config": str(Path(args.config).relative_to(REPO) if Path(args.config).is_relative_to(REPO) else args.config),
         "zero_stage": engine.stage,
         "batch_size": args.batch_size,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepmlf_fast.backbones.load import backbone_config
 from deepmlf_fast.backbones.registry import BACKBONES
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.presets import adapt_to_backbone, recipe
@@ -114,11 +115,7 @@ def run_config(backbone: str) -> RunConfig:
     """The DeepMLF recipe of `backbone`: its released recipe, or the closest one adapted to it."""
     cfg = recipe(RECIPE_OF[backbone])
     if cfg.model.backbone != backbone:
-        c = BACKBONES[backbone].config
-        cfg = adapt_to_backbone(
-            cfg, backbone, n_layers=c.get("n_layer") or c["num_hidden_layers"],
-            hidden_size=c.get("n_embd") or c["hidden_size"],
-        )
+        cfg = adapt_to_backbone(cfg, backbone)
     return cfg
 
 
@@ -126,19 +123,18 @@ def run_config(backbone: str) -> RunConfig:
 def dims(backbone: str) -> Dims:
     """Dimensions of a preset backbone and its recipe."""
     preset = BACKBONES[backbone]
-    c = preset.config
-    d_model = c.get("n_embd") or c["hidden_size"]
-    n_heads = c.get("n_head") or c["num_attention_heads"]
+    c = backbone_config(backbone)
+    d_model, n_heads = c.hidden_size, c.num_attention_heads
     cfg = run_config(backbone).model
     return Dims(
         backbone=backbone,
         family=preset.family,
         d_model=d_model,
-        n_layers=c.get("n_layer") or c["num_hidden_layers"],
+        n_layers=c.num_hidden_layers,
         n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads", n_heads),
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
         head_dim=d_model // n_heads,
-        vocab=c["vocab_size"],
+        vocab=c.vocab_size,
         mm_heads=cfg.fusion.n_heads,
         n_fusion=cfg.fusion.n_tokens,
         text_len=cfg.text.max_tokens,
@@ -259,8 +255,8 @@ class StepConfig:
     name: str
     backbone: str
     batch: int
-    dtype: str = "float32"
-    """Backbone dtype: 'float32', or 'bfloat16' (the official then runs under bf16 autocast)."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': the backbone in bf16 and bf16 autocast on both sides."""
     random_init: bool = False
     """Build the architecture with random weights (no checkpoint needed; same weights both sides)."""
     tier: str = "table"
@@ -280,7 +276,7 @@ def step_run_config(step: StepConfig) -> RunConfig:
       the copied MM FFNs fully (the GPT-2 recipes' setting);
     * parity 'official' on both sides (1/sqrt(D) scale, strided pooling, weights-only FFN copy,
       additive Llama FFN), so both compute the same function;
-    * the backbone dtype and random-init switch of the step configuration.
+    * the precision and random-init switch of the step configuration.
     """
     cfg = run_config(step.backbone)
     model = cfg.model
@@ -288,11 +284,8 @@ def step_run_config(step: StepConfig) -> RunConfig:
     loss = model.loss
     if step.clm is not None:
         loss = dataclasses.replace(loss, w_clm=(loss.w_clm or 1.0) if step.clm else 0.0)
-    model = dataclasses.replace(
-        model, fusion=fusion, loss=loss, parity="official", backbone_dtype=step.dtype,
-        random_init=step.random_init,
-    )
-    return dataclasses.replace(cfg, model=model)
+    model = dataclasses.replace(model, fusion=fusion, loss=loss, parity="official", random_init=step.random_init)
+    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, precision=step.precision))
 
 
 STEP_CONFIGS: tuple[StepConfig, ...] = (
@@ -303,12 +296,12 @@ STEP_CONFIGS: tuple[StepConfig, ...] = (
     # architecture with random weights (MOSEI recipe: CLM gamma 1.1).
     StepConfig("smollm2-135m-b16", "smollm2-135m", batch=16, devices=("cpu",)),
     # The SmolLM2 recipe's own precision (bf16 backbone + autocast on both sides).
-    StepConfig("smollm2-135m-b16-bf16", "smollm2-135m", batch=16, dtype="bfloat16", devices=("cpu",)),
+    StepConfig("smollm2-135m-b16-bf16", "smollm2-135m", batch=16, precision="bf16", devices=("cpu",)),
     StepConfig("gpt2-random-b16", "gpt2", batch=16, random_init=True, devices=("cpu",)),
     # GPU table: the released batch 32.
     StepConfig("gpt2-random-b32", "gpt2", batch=32, random_init=True, devices=("cuda",)),
     StepConfig("gpt2-large-random-b32", "gpt2-large", batch=32, random_init=True, devices=("cuda",)),
-    StepConfig("llama-7b-random-b32", "llama-7b", batch=32, dtype="bfloat16", random_init=True, devices=("cuda",)),
+    StepConfig("llama-7b-random-b32", "llama-7b", batch=32, precision="bf16", random_init=True, devices=("cuda",)),
 )
 
 

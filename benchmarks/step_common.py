@@ -1,17 +1,17 @@
 """Building blocks of the whole-step benchmark, shared by `step_runner.py` (one provider per
 process) and the parity sanity test.
 
-* `build_ours`: `build_model` for a step configuration, with a fallback for random-init backbones
+* `build_ours`: `build_deepmlf` for a step configuration, with a fallback for random-init backbones
   whose tokenizer asset is missing (GPU images without the offline asset packages);
-* `make_batch`: one fixed batch (raw transcripts, token ids for deepmlf-fast, AV features, labels);
+* `make_batch`: one fixed batch (raw transcripts for the official style, the packed `Batch` the
+  deepmlf-fast loader would produce, AV features, labels);
 * `make_train_step`: forward, loss, backward, value clipping of the MM-side parameters (the
   official rule, also deepmlf-fast's in parity 'official'), AdamW step, zero_grad; the same for
-  both providers.
+  both providers. deepmlf-fast's forward and loss are its training loop's own step function.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -24,11 +24,16 @@ import torch
 from baselines.official_deepmlf import OfficialStyleDeepMLF
 from deepmlf_fast.backbones.registry import BACKBONES
 from deepmlf_fast.config import ModelConfig, RunConfig
+from deepmlf_fast.data.loader import Batch
+from deepmlf_fast.data.packing import pack_padded
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.fileio import cache_dir
-from deepmlf_fast.model.build import build_model
+from deepmlf_fast.hardware import DTYPES
+from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.losses import deepmlf_loss
+from deepmlf_fast.train.optim import mm_side_parameters
+from deepmlf_fast.train.step import StepContext, autocast, forward_step
 from shapes import text_lengths
 
 log = logging.getLogger(__name__)
@@ -80,8 +85,8 @@ class StepBatch:
 
     texts: list[str]
     """Raw transcripts (the official-style model tokenises them every step)."""
-    ids: torch.Tensor
-    """(B, Lmax) right-padded ids, tokenised once (deepmlf-fast's loader does it once per split)."""
+    packed: Batch
+    """What deepmlf-fast's loader yields for these samples (token ids tokenised once, packed on the host)."""
     lengths: torch.Tensor
     audio: torch.Tensor
     vision: torch.Tensor
@@ -108,8 +113,11 @@ def make_batch(cfg: RunConfig, tokenizer, batch: int, device, seed: int = 0) -> 
     audio = torch.randn(batch, spec.audio_len_unaligned, m.av.audio_dim, generator=g)
     vision = torch.randn(batch, spec.vision_len_unaligned, m.av.vision_dim, generator=g)
     labels = torch.empty(batch).uniform_(spec.label_min, spec.label_max, generator=g)
+    text_ids, layout = pack_padded(ids, torch.tensor(lengths), m.fusion.n_tokens, m.text.max_tokens)
+    packed = Batch(text_ids=text_ids, layout=layout, audio=audio, vision=vision, audio_lengths=None,
+                   vision_lengths=None, labels=labels, index=torch.arange(batch))
     return StepBatch(
-        texts=texts, ids=ids.to(device), lengths=torch.tensor(lengths, device=device), audio=audio.to(device),
+        texts=texts, packed=packed, lengths=torch.tensor(lengths, device=device), audio=audio.to(device),
         vision=vision.to(device), labels=labels.to(device), text_source=source,
     )
 
@@ -117,13 +125,13 @@ def make_batch(cfg: RunConfig, tokenizer, batch: int, device, seed: int = 0) -> 
 # --------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------
-def build_ours(cfg: ModelConfig, device, init_seed: int = 0):
-    """-> `(DeepMLF, tokenizer, note)`. Seeds torch first, so two processes building the same
-    random-init configuration get the same backbone weights."""
+def build_ours(cfg: ModelConfig, device, init_seed: int = 0, precision: str = "fp32"):
+    """-> `(DeepMLF, tokenizer, note)`, the backbone in `precision`'s dtype. Seeds torch first,
+    so two processes building the same random-init configuration get the same backbone weights."""
     torch.manual_seed(1234)
     try:
-        model, tok = build_model(cfg, device=device, init_seed=init_seed)
-        return model, tok, ""
+        model, bb = build_deepmlf(cfg, dtype=DTYPES[precision], device=device, init_seed=init_seed)
+        return model, bb.tokenizer, ""
     except BackboneError as exc:
         preset = BACKBONES.get(cfg.backbone)
         if not (cfg.random_init and preset is not None):
@@ -131,8 +139,9 @@ def build_ours(cfg: ModelConfig, device, init_seed: int = 0):
         path, tok_note = shape_only_backbone(cfg.backbone)
         log.warning("%s; using a shape-only checkpoint at %s (%s)", exc, path, tok_note)
         torch.manual_seed(1234)
-        model, tok = build_model(dataclasses.replace(cfg, backbone=str(path)), device=device, init_seed=init_seed)
-        return model, tok, f"shape-only backbone, tokenizer {tok_note}"
+        model, bb = build_deepmlf(dataclasses.replace(cfg, backbone=str(path)), dtype=DTYPES[precision], device=device,
+                                  init_seed=init_seed)
+        return model, bb.tokenizer, f"shape-only backbone, tokenizer {tok_note}"
 
 
 def shape_only_backbone(name: str) -> tuple[Path, str]:
@@ -186,12 +195,13 @@ def disable_dropout(module: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def build_provider(provider: str, cfg: ModelConfig, device, attn_implementation: str = "sdpa"):
+def build_provider(provider: str, cfg: ModelConfig, device, attn_implementation: str = "sdpa",
+                   precision: str = "fp32"):
     """-> `(module, tokenizer, note)`: deepmlf-fast's DeepMLF, or its official-style twin holding the
     same weights (built from it, then the deepmlf-fast wrapper is dropped)."""
     if provider == "ours_recompute":
         cfg = dataclasses.replace(cfg, recompute_lm_blocks=True)
-    model, tok, note = build_ours(cfg, device)
+    model, tok, note = build_ours(cfg, device, precision=precision)
     if provider.startswith("ours"):
         return model, tok, note
     if provider != "official":
@@ -208,36 +218,31 @@ def forward_loss(provider: str, module, cfg: ModelConfig, batch: StepBatch, bf16
     """Forward and loss of one provider -> `(loss, parts, outputs)`.
 
     With `bf16`, each side uses bf16 autocast the way its own training code does: deepmlf-fast
-    around the forward only (`deepmlf_fast.train.loop`), the official code around forward and
-    losses (the released SmolLM2 recipe).
+    through its training step function (autocast around the forward), the official code around
+    forward and losses (the released SmolLM2 recipe).
     """
     if provider.startswith("ours"):
-        with _autocast(batch, bf16):
-            out = module(batch.ids, batch.lengths, batch.audio, batch.vision)
-        loss, parts = deepmlf_loss(out, batch.labels, cfg.loss)
+        ctx = StepContext(batch.audio.device, bf16, lambda out, y: deepmlf_loss(out, y, cfg.loss))
+        step = forward_step(module, batch.packed, ctx)
+        loss, parts, out = step.loss, step.parts, step.out
     else:
-        with _autocast(batch, bf16):
+        with autocast(batch.audio.device, bf16):
             out = module(batch.texts, batch.audio, batch.vision)
             loss, parts = module.loss(out, batch.labels)
     return loss, parts, out
 
 
-def _autocast(batch: StepBatch, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(batch.audio.device.type, dtype=torch.bfloat16)
-
-
-def make_train_step(provider: str, module, cfg: ModelConfig, batch: StepBatch, weight_decay: float = 0.001):
+def make_train_step(provider: str, module, cfg: ModelConfig, batch: StepBatch, weight_decay: float = 0.001,
+                    precision: str = "fp32"):
     """A zero-argument training step: forward, loss, backward, clip, AdamW step, zero_grad.
 
-    Precision: a 'bfloat16' configuration loads the frozen backbone in bf16 on both sides and runs
-    under bf16 autocast (see `forward_loss`); new modules keep fp32 master weights.
+    Precision: 'bf16' means the frozen backbone in bf16 on both sides (built so by the caller) and
+    bf16 autocast (see `forward_loss`); new modules keep fp32 master weights.
     """
     params = [p for p in module.parameters() if p.requires_grad]
-    mm_side = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("av_encoder.")]
+    mm_side = mm_side_parameters(module)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=weight_decay)
-    bf16 = cfg.backbone_dtype == "bfloat16"
+    bf16 = precision == "bf16"
 
     def step() -> torch.Tensor:
         loss, _, _ = forward_loss(provider, module, cfg, batch, bf16)

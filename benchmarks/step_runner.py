@@ -65,10 +65,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     t0 = time.perf_counter()
-    module, tok, note = build_provider(args.provider, cfg, device, attn_implementation=args.attn)
+    module, tok, note = build_provider(args.provider, cfg, device, attn_implementation=args.attn,
+                                       precision=step_cfg.precision)
     module.train()
     batch = make_batch(run_cfg, tok, step_cfg.batch, device)
-    step = make_train_step(args.provider, module, cfg, batch)
+    step = make_train_step(args.provider, module, cfg, batch, precision=step_cfg.precision)
     build_s = time.perf_counter() - t0
     gc.collect()
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     tokens = batch.real_tokens + b * n if args.provider.startswith("ours") else b * (cfg.text.max_tokens + n)
     write_json(args.out, {
         "config": step_cfg.name, "provider": args.provider, "device": args.device, "backbone": cfg.backbone,
-        "dtype": cfg.backbone_dtype, "batch": b, "n_fusion": n, "mm_layers": list(cfg.fusion.mm_layers),
+        "dtype": step_cfg.precision, "batch": b, "n_fusion": n, "mm_layers": list(cfg.fusion.mm_layers),
         "w_clm": cfg.loss.w_clm, "times_s": times, "peak_mb": peak_mb, "mem_method": mem_method,
         "rss_after_build_mb": base_mb if not cuda else None, "build_s": build_s, "losses": losses,
         "tokens_per_step": tokens, "text_source": batch.text_source, "attn": args.attn, "note": note,

@@ -68,8 +68,8 @@ def test_official_style_matches_deepmlf_fast(backbone, attn):
     loss_b.backward()
     first = str(min(int(i) for i in ours.mm_blocks))
     pairs = {
-        "fusion_tokens": (ours.fusion_tokens.grad, official.fusion_tokens.grad),
-        "mm.q_proj": (ours.mm_blocks[first].q_proj.weight.grad, official.mm_blocks[first].xattn.w_q.weight.grad),
+        "fusion_tokens": (ours.fusion_tokens.weight.grad, official.fusion_tokens.grad),
+        "mm.q_proj": (ours.mm_blocks[first].xattn.q_proj.weight.grad, official.mm_blocks[first].xattn.w_q.weight.grad),
     }
     for name, (ga, gb) in pairs.items():
         assert ga is not None and gb is not None, name

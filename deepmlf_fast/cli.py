@@ -1,4 +1,4 @@
-"""`deepmlf` command line: train | eval | predict | make-synthetic | convert-data | estimate-memory | presets.
+"""`deepmlf` command line: train | eval | predict | make-synthetic | convert-data | estimate-memory | presets | env.
 
     deepmlf train                                   # embedded default: synthetic MOSI + SmolLM2-135M
     deepmlf train --data unaligned_50.pkl --dataset mosi --backbone gpt2 --output-dir runs/mosi
@@ -6,13 +6,13 @@
     deepmlf eval --run runs/mosi [--data other.pkl] [--split test]
     deepmlf predict --run runs/mosi --out predictions.csv
     deepmlf estimate-memory --backbone llama-7b --dataset mosei --load-in-8bit --zero 2 --batch-size 32
+    deepmlf env                                     # versions, device, what --precision auto picks here
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import logging
 import sys
@@ -42,7 +42,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mm-layers", help="comma-separated 0-based LM blocks followed by an MM block")
     g.add_argument("--fusion-tokens", type=int)
     g.add_argument("--parity", choices=["corrected", "official"], help="reproduce the official code's numerics")
-    g.add_argument("--precision", choices=["fp32", "bf16"])
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="backbone weights + autocast; auto (default): the recipe's, but bf16 only where the "
+                        "device runs it natively (see `deepmlf env`)")
+    g.add_argument("--tf32", action="store_true", help="fp32 matrix products on TF32 tensor cores (CUDA)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--backend", choices=["auto", "triton", "reference"], help="attention op backend")
     g.add_argument("--av-length-masks", action="store_true", help="use per-sample AV lengths (masks)")
@@ -51,6 +54,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen backbone to LLM.int8")
     g.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen backbone to NF4")
     g.add_argument("--random-init", action="store_true", help="backbone architecture with random weights")
+    g.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="set any configuration field by its dotted path, e.g. --set fusion.dropout=0.2 "
+                        "--set optim.eta_min=1e-6 (repeatable; applied after every other flag)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir even if training settings changed "
                         "(an identical configuration continues without it)")
@@ -60,14 +66,46 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "`deepspeed train.py` or `torchrun train.py` for several GPUs; --batch-size is then per GPU")
 
 
+OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("epochs", ("optim.max_epochs",)),
+    ("pretrain_epochs", ("pretrain.max_epochs",)),
+    ("batch_size", ("optim.batch_size",)),
+    ("grad_accum", ("optim.grad_accum",)),
+    ("lr", ("optim.lr_mm", "optim.lr_av")),
+    ("mm_layers", ("model.fusion.mm_layers",)),
+    ("fusion_tokens", ("model.fusion.n_tokens",)),
+    ("parity", ("model.parity",)),
+    ("precision", ("train.precision",)),
+    ("device", ("train.device",)),
+    ("backend", ("train.backend",)),
+    ("deepspeed", ("train.deepspeed",)),
+    ("seeds", ("train.seeds",)),
+    ("output_dir", ("train.output_dir",)),
+)
+"""`deepmlf train` option (argparse dest) -> the configuration fields it sets, when given."""
+
+SWITCHES: tuple[tuple[str, str, bool], ...] = (
+    ("av_length_masks", "model.av.length_masks", True),
+    ("recompute_lm_blocks", "model.recompute_lm_blocks", True),
+    ("load_in_8bit", "model.load_in_8bit", True),
+    ("load_in_4bit", "model.load_in_4bit", True),
+    ("random_init", "model.random_init", True),
+    ("tf32", "train.tf32", True),
+    ("no_pretrain", "pretrain.enabled", False),
+)
+"""`deepmlf train` switch -> the field it sets and the value, when the switch is on."""
+
+
 def run_config_from_args(args: argparse.Namespace):
-    """Build the RunConfig a `train` invocation asks for (preset, then overrides)."""
-    from deepmlf_fast.config import RunConfig
+    """Build the RunConfig a `train` invocation asks for: the base (--config, --preset, the
+    dataset's recipe or the demo), --dataset/--data/--backbone, then the override table and
+    --set. Reads only configuration files (and a backbone's config for --backbone)."""
+    from deepmlf_fast.config import RunConfig, apply_overrides, parse_value
     from deepmlf_fast.errors import ConfigError
-    from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset, resolve_backbone_dims
+    from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset
 
     if args.config:
-        cfg = RunConfig.from_dict(json.loads(Path(args.config).read_text()))
+        cfg = RunConfig.from_dict(read_json(args.config, "--config"))
     elif args.preset:
         cfg = recipe(args.preset)
     elif args.data is None:
@@ -77,59 +115,40 @@ def run_config_from_args(args: argparse.Namespace):
     if args.dataset and args.dataset != cfg.data.dataset:
         if args.preset or args.config:
             raise ConfigError(f"--dataset {args.dataset} contradicts the preset's dataset {cfg.data.dataset}")
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=args.dataset))
+        cfg = apply_overrides(cfg, {"data.dataset": args.dataset})
     if args.data:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
+        cfg = apply_overrides(cfg, {"data.path": args.data})
     if args.backbone and args.backbone != cfg.model.backbone:
-        n_layers, hidden = resolve_backbone_dims(args.backbone)
-        cfg = adapt_to_backbone(cfg, args.backbone, n_layers, hidden)
-
-    m, o, t, pre = cfg.model, cfg.optim, cfg.train, cfg.pretrain
-    if args.mm_layers:
-        m = dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, mm_layers=_int_list(args.mm_layers)))
-    if args.fusion_tokens:
-        m = dataclasses.replace(m, fusion=dataclasses.replace(m.fusion, n_tokens=args.fusion_tokens))
-    if args.parity:
-        m = dataclasses.replace(m, parity=args.parity)
-    if args.av_length_masks:
-        m = dataclasses.replace(m, av=dataclasses.replace(m.av, length_masks=True))
-    if args.recompute_lm_blocks:
-        m = dataclasses.replace(m, recompute_lm_blocks=True)
-    m = dataclasses.replace(
-        m, load_in_8bit=args.load_in_8bit or m.load_in_8bit, load_in_4bit=args.load_in_4bit or m.load_in_4bit,
-        random_init=args.random_init or m.random_init,
-    )
-    if args.epochs is not None:
-        o = dataclasses.replace(o, max_epochs=args.epochs)
-    for field, value in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)):
+        cfg = adapt_to_backbone(cfg, args.backbone)
+    if not args.output_dir and not args.config:
+        cfg = apply_overrides(cfg, {"train.output_dir": f"runs/{args.preset or ('demo' if args.data is None else cfg.data.dataset)}"})
+    changes: dict = {}
+    for dest, paths in OVERRIDES:
+        value = getattr(args, dest)
         if value is not None:
-            o = dataclasses.replace(o, **{field: value})
-    if args.lr is not None:
-        o = dataclasses.replace(o, lr_mm=args.lr, lr_av=args.lr)
-    if args.pretrain_epochs is not None:
-        pre = dataclasses.replace(pre, max_epochs=args.pretrain_epochs)
-    if args.no_pretrain:
-        pre = dataclasses.replace(pre, enabled=False)
-    for field, value in (("precision", args.precision), ("device", args.device), ("backend", args.backend),
-                         ("deepspeed", args.deepspeed)):
-        if value is not None:
-            t = dataclasses.replace(t, **{field: value})
-    if args.seeds:
-        t = dataclasses.replace(t, seeds=tuple(args.seeds))
-    if args.output_dir:
-        t = dataclasses.replace(t, output_dir=args.output_dir)
-    elif not args.config:
-        t = dataclasses.replace(t, output_dir=f"runs/{args.preset or ('demo' if args.data is None else cfg.data.dataset)}")
-    return dataclasses.replace(cfg, model=m, optim=o, train=t, pretrain=pre)
+            if dest == "mm_layers":
+                value = parse_value(paths[0], value)
+            changes.update({path: value for path in paths})
+    changes.update({path: value for dest, path, value in SWITCHES if getattr(args, dest)})
+    for item in args.set:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set: expected PATH=VALUE like fusion.dropout=0.2, found {item!r}")
+        changes[path.strip()] = parse_value(path.strip(), text)
+    return apply_overrides(cfg, changes)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def read_json(path: str, what: str):
+    """A JSON file's content, or a ConfigError naming the file and what is wrong with it."""
     from deepmlf_fast.errors import ConfigError
 
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}: file {str(p)!r} does not exist")
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--mm-layers: expected comma-separated integers like 3,5,7, found {text!r}") from None
+        return json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what}: {str(p)!r} is not valid JSON ({e})") from None
 
 
 def cmd_train(args) -> int:
@@ -164,24 +183,22 @@ def cmd_estimate_memory(args) -> int:
 
 
 def _trained_split(args):
-    """-> (session, model, loader, device, bf16) for `eval`/`predict` on the requested split."""
-    from deepmlf_fast.train.evaluate import eval_in_bf16
-    from deepmlf_fast.train.run import load_run, resolve_device
+    """-> (session, model, loader) for `eval`/`predict` on the requested split."""
+    from deepmlf_fast.hardware import resolve_device
+    from deepmlf_fast.train.run import load_run
 
-    device = resolve_device(args.device)
-    session, model = load_run(args.run, device, args.seed, args.data)
-    loader = session.loader(args.split, session.cfg.train.eval_batch_size, False)
-    return session, model, loader, device, eval_in_bf16(session.cfg)
+    session, model = load_run(args.run, resolve_device(args.device), args.seed, args.data)
+    return session, model, session.loader(args.split, session.cfg.train.eval_batch_size, False)
 
 
 def cmd_eval(args) -> int:
+    from deepmlf_fast.fileio import write_json
     from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
-    from deepmlf_fast.train.checkpoint import write_json
     from deepmlf_fast.train.evaluate import evaluate
 
-    session, model, loader, device, bf16 = _trained_split(args)
+    session, model, loader = _trained_split(args)
     dataset = session.cfg.data.dataset
-    metrics = evaluate(model, loader, dataset, device, bf16, desc=args.split)
+    metrics = evaluate(model, loader, dataset, session.eval_ctx, desc=args.split)
     print(format_metrics({k: metrics[k] for k in METRIC_KEYS[dataset]}))
     out = Path(args.run) / f"eval_{args.split}.json"
     write_json(out, {"split": args.split, "data": session.data.source, "metrics": metrics})
@@ -193,8 +210,8 @@ def cmd_predict(args) -> int:
     from deepmlf_fast.fileio import atomic_path
     from deepmlf_fast.train.evaluate import predict
 
-    session, model, loader, device, bf16 = _trained_split(args)
-    p = predict(model, loader, device, bf16, desc=args.split)
+    session, model, loader = _trained_split(args)
+    p = predict(model, loader, session.eval_ctx, desc=args.split)
     ids = session.data.split(args.split).ids
     heads = ("pred", "pred_text", "pred_av", "pred_fusion")
     out = Path(args.out or Path(args.run) / f"predictions_{args.split}.csv")
@@ -227,15 +244,25 @@ def cmd_presets(args) -> int:
     from deepmlf_fast.backbones.registry import BACKBONES
     from deepmlf_fast.presets import RECIPES
 
+    from deepmlf_fast.presets import recipe
+
     print("recipes (--preset):")
     for name in RECIPES:
-        cfg = RECIPES[name]()
+        cfg = recipe(name)
         f = cfg.model.fusion
         print(f"  {name:20s} dataset={cfg.data.dataset:5s} backbone={cfg.model.backbone:14s} "
               f"fusion_tokens={f.n_tokens} mm_layers={list(f.mm_layers)}")
     print("backbones (--backbone):")
     for name, b in BACKBONES.items():
         print(f"  {name:14s} {b.description}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from deepmlf_fast.hardware import environment_report, format_report
+
+    report = environment_report(args.device)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -290,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list recipes and backbones")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("env", help="versions, device, native bf16, Triton, bitsandbytes, and what `auto` picks here",
+                       description="What a bug report needs: library versions, the device and its CPU capability, "
+                                   "whether bf16 is native, whether the Triton kernels can run, the bitsandbytes "
+                                   "backend, and the precision and attention backend `--precision auto` / "
+                                   "`--backend auto` pick on this machine.")
+    p.add_argument("--device", default="auto", help="device to describe (default: CUDA if present, else CPU)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_env)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Typed configuration for deepmlf-fast.
 
 Every knob of a run lives in one of the dataclasses below; `RunConfig` groups them.
-Named recipes that fill them in live in `deepmlf_fast.presets`.
+Named recipes that fill them in live in `deepmlf_fast.presets`, as flat tables of dotted
+overrides (`"model.fusion.n_tokens": 12`) applied by `apply_overrides`; the CLI's flags and
+`deepmlf sweep`'s grids use the same paths.
 
 The `parity` field of `ModelConfig` selects between the corrected default and the
 `official` mode that reproduces the released code's numerics. Every behaviour that
@@ -11,9 +13,10 @@ differs between the two is a field of `ParityFlags`, and nothing else may differ
 from __future__ import annotations
 
 import dataclasses
-import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from deepmlf_fast.errors import ConfigError
 
@@ -114,8 +117,9 @@ class FusionConfig:
     """0-based LM blocks after which an MM block runs. Empty: derived from the backbone
     (see `presets.scale_mm_layers`)."""
     n_heads: int = 16
-    combine: bool = True
-    """MM FFN over all positions (True, every recipe) or over fusion positions only."""
+    ffn_all_rows: bool = True
+    """The MM FFN runs on every row, text and fusion (True: the official `combine`, every
+    recipe), or on the fusion rows only."""
     gate: Literal["sigmoid", "tanh"] = "sigmoid"
     gate_init: float = 0.0
     ffn_gate_init: float = 0.0
@@ -168,7 +172,6 @@ class ModelConfig:
     recompute_lm_blocks: bool = False
     """Activation checkpointing of the frozen LM blocks that run with autograd: keep only
     each block's input and recompute the block in backward (less memory, ~15% more time)."""
-    backbone_dtype: Literal["float32", "bfloat16"] = "float32"
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     random_init: bool = False
@@ -241,15 +244,36 @@ class TrainConfig:
 
     output_dir: str = "runs/default"
     seeds: tuple[int, ...] = (1990,)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Backbone weights and autocast together: 'auto' takes `recipe_precision` where the
+    device runs bf16 natively and fp32 elsewhere (`deepmlf_fast.hardware`)."""
+    recipe_precision: Literal["fp32", "bf16"] = "fp32"
+    """The precision the recipe was released with (bf16 for SmolLM2, fp32 for GPT-2)."""
+    tf32: bool = False
+    """fp32 matrix products on TF32 tensor cores (CUDA only; the official code did not)."""
     device: str = "auto"
     eval_batch_size: int = 64
     log_every: int = 10
-    keep_checkpoints: bool = True
     backend: Literal["auto", "triton", "reference"] = "auto"
     """Attention op backend: Triton on CUDA, the PyTorch reference elsewhere."""
     deepspeed: str | None = None
     """DeepSpeed JSON config; None trains in one process without DeepSpeed."""
+
+
+@dataclass
+class Resolved:
+    """What a run decided from the hardware it ran on (`deepmlf_fast.hardware`). Written to
+    config.json for the record; decided anew by every run, so ignored when a config is read."""
+
+    device: str = ""
+    device_name: str = ""
+    cpu_capability: str = ""
+    native_bf16: bool = False
+    precision: str = ""
+    precision_reason: str = ""
+    eval_precision: str = ""
+    tf32: bool = False
+    attention_backend: str = ""
 
 
 @dataclass
@@ -261,16 +285,16 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: AVPretrainConfig = field(default_factory=AVPretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    resolved: Resolved = field(default_factory=Resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return _from_dict(cls, d, "config")
+        """Rebuild a config from `to_dict`'s output; unknown fields are an error, `resolved` is dropped."""
+        cfg = _from_dict(cls, d, "config")
+        return dataclasses.replace(cfg, resolved=Resolved())
 
 
 def _from_dict(cls, d: Any, where: str):
@@ -282,7 +306,7 @@ def _from_dict(cls, d: Any, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
     kwargs = {}
-    hints = _resolved_types(cls)
+    hints = typing.get_type_hints(cls)
     for name, value in d.items():
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
@@ -294,16 +318,80 @@ def _from_dict(cls, d: Any, where: str):
     return cls(**kwargs)
 
 
-def _resolved_types(cls) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
+# ------------------------------------------------------------------------------ dotted overrides
 
 
-def replace(obj, **changes):
-    """`dataclasses.replace` that names the offending field when one does not exist."""
-    names = {f.name for f in dataclasses.fields(obj)}
-    bad = sorted(set(changes) - names)
-    if bad:
-        raise ConfigError(f"{type(obj).__name__}: unknown field(s) {bad}")
-    return dataclasses.replace(obj, **changes)
+def field_path(path: str) -> str:
+    """The full dotted path of a field: 'fusion.n_tokens' and 'model.fusion.n_tokens' both
+    name `RunConfig.model.fusion.n_tokens` (a first part that is a `ModelConfig` field gets
+    'model.' in front). Raises ConfigError for a path that names no field."""
+    parts = path.split(".")
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    if parts[0] not in top and parts[0] in {f.name for f in dataclasses.fields(ModelConfig)}:
+        parts = ["model", *parts]
+    _field_type(parts, path)
+    return ".".join(parts)
+
+
+def _field_type(parts: list[str], path: str):
+    cls: Any = RunConfig
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{path}: {'.'.join(parts[:i])} is a value, not a section")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(f"{path}: no field {part!r} in {'.'.join(parts[:i]) or 'the config'}; "
+                              f"expected one of {sorted(hints)}")
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{path}: names a section, expected a field inside it ({sorted(typing.get_type_hints(cls))})")
+    return cls
+
+
+def parse_value(path: str, text: str) -> Any:
+    """Convert a command-line string to the type of the field at `path` (ints, floats,
+    booleans 'true'/'false', literals, comma-separated tuples, 'none' for optional fields)."""
+    typ = _field_type(field_path(path).split("."), path)
+    return _parse(typ, text.strip(), path)
+
+
+def _parse(typ, text: str, path: str) -> Any:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() == "none" and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(inner[0], text, path)
+    if origin is Literal:
+        if text not in [str(a) for a in args]:
+            raise ConfigError(f"{path}: expected one of {list(args)}, found {text!r}")
+        return next(a for a in args if str(a) == text)
+    if origin is tuple:
+        item = args[0]
+        try:
+            return tuple(_parse(item, t, path) for t in text.split(",") if t.strip())
+        except ConfigError:
+            raise ConfigError(f"{path}: expected comma-separated {item.__name__}s like 3,5,7, found {text!r}") from None
+    if typ is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{path}: expected true or false, found {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        return typ(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: expected {getattr(typ, '__name__', typ)}, found {text!r}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """A copy of `cfg` with each dotted path set to its value (values already typed; lists
+    become tuples). Raises ConfigError naming a path that does not exist."""
+    for path, value in overrides.items():
+        parts = field_path(path).split(".")
+        cfg = _set(cfg, parts, tuple(value) if isinstance(value, list) else value)
+    return cfg
+
+
+def _set(obj, parts: list[str], value):
+    if len(parts) == 1:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    return dataclasses.replace(obj, **{parts[0]: _set(getattr(obj, parts[0]), parts[1:], value)})

@@ -50,16 +50,10 @@ class ParamCounts:
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
     """Build the backbone and DeepMLF on the meta device and count their parameters."""
-    from transformers import AutoModelForCausalLM
+    from deepmlf_fast.model.build import build_deepmlf_on_meta
 
-    from deepmlf_fast.backbones.arch import arch_for
-    from deepmlf_fast.model.deepmlf import DeepMLF
-
-    config = _backbone_config(cfg.model.backbone)
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config)
-        lm.requires_grad_(False)
-        model = DeepMLF(cfg.model, lm, arch_for(config.model_type), pad_id=0)
+    model = build_deepmlf_on_meta(cfg.model)
+    lm = model.lm
     output = lm.get_output_embeddings()
     linears = [m for m in lm.modules() if m is not output and (type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D")]
     quantizable = sum(m.weight.numel() for m in linears)
@@ -72,22 +66,14 @@ def count_parameters(cfg: RunConfig) -> ParamCounts:
         trained=sum(p.numel() for _, p in own if p.requires_grad),
         mm_block=max(sum(p.numel() for p in b.parameters()) for b in model.mm_blocks.values()),
         frozen_in_model=sum(p.numel() for n, p in own if not p.requires_grad and not n.startswith("lm.")),
-        lm_config=config,
+        lm_config=lm.config,
     )
 
 
-def _backbone_config(name: str):
-    from transformers import AutoConfig
-
-    from deepmlf_fast.backbones.registry import BACKBONES
-
-    preset = BACKBONES.get(name)
-    if preset is not None:
-        kwargs = dict(preset.config)
-        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    from deepmlf_fast.backbones.load import resolve_backbone
-
-    return AutoConfig.from_pretrained(resolve_backbone(name).path, local_files_only=True)
+def gpu_precision(cfg: RunConfig) -> str:
+    """The precision a run of `cfg` uses on a GPU with native bf16 (compute capability >= 8.0):
+    the requested one, or under 'auto' the recipe's."""
+    return cfg.train.recipe_precision if cfg.train.precision == "auto" else cfg.train.precision
 
 
 @dataclass(frozen=True)
@@ -141,9 +127,11 @@ def estimate_memory(
     m, o = cfg.model, cfg.optim
     c = counts.lm_config
     world, stage = gpus, zero
-    bf16 = cfg.train.precision == "bf16"
+    precision = gpu_precision(cfg)
+    bf16 = precision == "bf16"
     pbytes = 4  # trained params and gradients stay float32; bf16 is autocast (DeepSpeed's torch_autocast)
-    lm_bytes = DTYPE_BYTES[m.backbone_dtype]
+    backbone_dtype = "bfloat16" if bf16 else "float32"
+    lm_bytes = DTYPE_BYTES[backbone_dtype]
     act = 2 if bf16 else lm_bytes  # activation dtype in the backbone (autocast, else its own dtype)
     mm_act = 2 if bf16 else 4
     p = counts.trained + counts.frozen_in_model
@@ -153,7 +141,7 @@ def estimate_memory(
 
     gpu: list[Line] = []
     host: list[Line] = []
-    quant = "int8" if m.load_in_8bit else "nf4" if m.load_in_4bit else m.backbone_dtype
+    quant = "int8" if m.load_in_8bit else "nf4" if m.load_in_4bit else backbone_dtype
     if m.load_in_8bit:
         qbytes = counts.quantizable + 4 * counts.quantizable_rows
         qhow = "int8 weights + one float32 scale per row"
@@ -161,11 +149,11 @@ def estimate_memory(
         qbytes = counts.quantizable * (0.5 + 1 / 64 + 4 / (64 * 256))
         qhow = "NF4 (0.5 B) + double-quantized absmax per 64-block"
     else:
-        qbytes, qhow = counts.quantizable * lm_bytes, f"{m.backbone_dtype}"
+        qbytes, qhow = counts.quantizable * lm_bytes, backbone_dtype
     gpu.append(Line("frozen backbone: decoder linears", qbytes,
                     f"{counts.quantizable / 1e9:.2f}B params, {qhow}, replicated on every GPU"))
     gpu.append(Line("frozen backbone: embeddings, head, norms", counts.backbone_other * lm_bytes,
-                    f"{counts.backbone_other / 1e6:.0f}M params in {m.backbone_dtype}"))
+                    f"{counts.backbone_other / 1e6:.0f}M params in {backbone_dtype}"))
     gpu.append(Line("trained parameters", shard(p * pbytes, stage == 3),
                     f"{counts.trained / 1e6:.1f}M params x {pbytes} B" + (f" / {world} (ZeRO-3)" if stage == 3 else "")))
     gpu.append(Line("gradients", shard(counts.trained * pbytes, stage >= 2),
@@ -191,7 +179,7 @@ def estimate_memory(
         f"the frozen backbone is never handed to ZeRO, so it is replicated at every stage",
         f"micro batch {o.batch_size} per GPU, every transcript {text_tokens or m.text.max_tokens} tokens "
         f"(the longest batch sets the peak) + {m.fusion.n_tokens} fusion tokens, L_av = {m.av.max_len}",
-        f"precision {cfg.train.precision}: trained params, gradients and optimizer state in fp32"
+        f"precision {precision} (a GPU with native bf16): trained params, gradients and optimizer state in fp32"
         f"{' (bf16 is autocast)' if bf16 else ''}, backbone activations {'bf16' if act == 2 else 'fp32'}; "
         f"backbone {quant} ({lin} linears)",
         f"MM blocks after backbone blocks {list(m.fusion.mm_layers)}; "
@@ -224,7 +212,7 @@ def _activations(cfg: RunConfig, c, batch: int, text_len: int, act: int, mm_act:
     else:  # two LayerNorms, attention, GELU-tanh MLP (its elementwise chain keeps ~4 copies)
         per_row = 2 * (dim * act + 8) + 4 * dim * act + 4 * heads + (4 * inner + dim) * act
     mm = sorted(m.fusion.mm_layers)
-    split = mm[0] if m.fusion.combine else n_layers - 1
+    split = mm[0] if m.fusion.ffn_all_rows else n_layers - 1
     lines = []
     if m.text_prefix_no_grad:
         lower, upper = split + 1, n_layers - split - 1
@@ -238,7 +226,7 @@ def _activations(cfg: RunConfig, c, batch: int, text_len: int, act: int, mm_act:
     else:
         lines.append(Line("activations: backbone blocks", upper * rows * per_row,
                           f"{upper} blocks x {rows} packed rows x {per_row / 1024:.0f} KiB"))
-    ffn_rows = rows if m.fusion.combine else n_fusion
+    ffn_rows = rows if m.fusion.ffn_all_rows else n_fusion
     ffn = (4 * dim + 4 * inner) * mm_act if llama else (3 * dim + 2 * inner) * mm_act
     xattn = n_fusion * 5 * dim * mm_act + batch * m.av.max_len * 2 * dim * mm_act
     xattn += batch * m.fusion.n_heads * m.fusion.n_tokens * m.av.max_len * 4

@@ -11,7 +11,7 @@ from deepmlf_fast.config import AVEncoderConfig, FusionConfig, LossConfig, Model
 
 @functools.lru_cache(maxsize=None)
 def load_tiny(name: str):
-    """(lm, tokenizer, spec) of a tiny preset, loaded once per test session."""
+    """The `LoadedBackbone` of a tiny preset, loaded once per test session."""
     from deepmlf_fast.backbones.load import load_backbone
 
     return load_backbone(name)
@@ -33,23 +33,33 @@ def tiny_model_config(backbone: str = "tiny-gpt2", **fusion) -> ModelConfig:
 def make_model(backbone: str = "tiny-gpt2", parity: str = "corrected", seed: int = 0, **fusion):
     from deepmlf_fast.model.deepmlf import DeepMLF
 
-    lm, tok, spec = load_tiny(backbone)
+    bb = load_tiny(backbone)
     cfg = tiny_model_config(backbone, **fusion)
     cfg.parity = parity
-    return DeepMLF(cfg, lm, spec, tok.pad_token_id, init_seed=seed), tok
+    return DeepMLF(cfg, bb.lm, bb.spec, bb.pad_id, init_seed=seed), bb.tokenizer
 
 
 TEXTS = ["a gripping, beautifully acted film", "dull", "not the worst movie this year , but close to it"]
 
 
-def make_batch(tok, texts=TEXTS, ta: int = 37, tv: int = 29, seed: int = 0, max_tokens: int = 16) -> dict:
-    """Model inputs for `texts`: right-padded ids, lengths, random audio/vision."""
+def make_batch(tok, texts=TEXTS, ta: int = 37, tv: int = 29, seed: int = 0, max_tokens: int = 16,
+               n_fusion: int = 4) -> dict:
+    """Packed model inputs for `texts` (`DeepMLF.forward`'s keywords): real token ids, their
+    layout with `n_fusion` fusion tokens at position `max_tokens`, random audio/vision."""
+    from deepmlf_fast.data.packing import pack_padded
+
     enc = tok(list(texts), truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+    text_ids, layout = pack_padded(enc["input_ids"], enc["attention_mask"].sum(1), n_fusion, max_tokens)
     g = torch.Generator().manual_seed(seed)
     b = len(texts)
     return dict(
-        input_ids=enc["input_ids"],
-        text_lengths=enc["attention_mask"].sum(1),
+        text_ids=text_ids,
+        layout=layout,
         audio=torch.randn(b, ta, 5, generator=g),
         vision=torch.randn(b, tv, 20, generator=g),
     )
+
+
+def to_device(batch: dict, device) -> dict:
+    """A `make_batch` dict with every tensor (and the layout) on `device`."""
+    return {k: v.to(device) for k, v in batch.items()}

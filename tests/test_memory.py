@@ -27,8 +27,9 @@ def tiny_counts():
 def test_meta_device_counts_equal_the_built_model(tiny_counts):
     from deepmlf_fast.model.deepmlf import DeepMLF
 
-    lm, tok, spec = load_tiny("tiny-llama")
-    model = DeepMLF(tiny_model_config("tiny-llama", dropout=0.0), lm, spec, tok.pad_token_id)
+    bb = load_tiny("tiny-llama")
+    lm = bb.lm
+    model = DeepMLF(tiny_model_config("tiny-llama", dropout=0.0), lm, bb.spec, bb.pad_id)
     linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
     assert tiny_counts.trained == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert tiny_counts.quantizable == sum(m.weight.numel() for m in linears)
@@ -42,10 +43,11 @@ def test_activation_model_matches_what_autograd_saves(tiny_counts):
     of tiny-llama (CPU reference attention, which saves padded q/k/v, so within 25%)."""
     from deepmlf_fast.model.deepmlf import DeepMLF
 
-    lm, tok, spec = load_tiny("tiny-llama")
-    model = DeepMLF(tiny_model_config("tiny-llama", dropout=0.0), lm, spec, tok.pad_token_id).train()
-    batch = make_batch(tok, texts=["word " * 14] * 8)
-    assert batch["text_lengths"].tolist() == [15] * 8
+    bb = load_tiny("tiny-llama")
+    lm = bb.lm
+    model = DeepMLF(tiny_model_config("tiny-llama", dropout=0.0), lm, bb.spec, bb.pad_id).train()
+    batch = make_batch(bb.tokenizer, texts=["word " * 14] * 8)
+    assert batch["layout"].text_lengths.tolist() == [15] * 8
     weights = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(lm.parameters())}
     saved: dict[int, int] = {}
 

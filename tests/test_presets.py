@@ -27,7 +27,7 @@ def test_released_recipes(name, backbone, tokens, layers, losses, clm, wd, cosin
     assert o.lr_mm == o.lr_av == 1e-4 and o.weight_decay_mm == o.weight_decay_av == wd
     assert o.betas == (0.9, 0.95) and o.batch_size == 32 and o.grad_accum == 8 and o.grad_clip == 5.0
     assert o.warmup_epochs == 1 and o.cosine_epochs == cosine and o.early_stop == stop and o.key_metric == key
-    assert m.fusion.n_heads == 16 and m.fusion.gate == "sigmoid" and m.fusion.gate_init == 0 and m.fusion.combine
+    assert m.fusion.n_heads == 16 and m.fusion.gate == "sigmoid" and m.fusion.gate_init == 0 and m.fusion.ffn_all_rows
     assert (m.text.seqaug and (m.text.p_perm, m.text.p_apply) == seqaug) or (not m.text.seqaug and seqaug is None)
 
 
@@ -36,7 +36,9 @@ def test_sims_and_mosi_specifics():
     assert sims.model.av.max_len == 55 and sims.model.av.batch_norm_audio and sims.model.av.batch_norm_vision
     assert sims.pretrain.max_len == 39 and sims.model.text.max_tokens == 39
     assert mosi.model.fusion.lora_rank == 512 and mosi.model.fusion.lora_alpha == 8192
-    assert mosi.model.av.p_perm == 0.3 and mosi.model.backbone_dtype == "bfloat16"
+    assert mosi.model.av.p_perm == 0.3 and mosi.train.recipe_precision == "bf16"
+    assert {recipe(n).train.recipe_precision for n in ("mosei-gpt2", "mosei-gpt2-large", "sims-gpt2-chinese")} == {"fp32"}
+    assert all(recipe(n).train.precision == "auto" for n in ("mosi-smollm2-1.7b", "demo", "mosei-gpt2"))
     assert [recipe_for_dataset(d).model.backbone for d in ("mosi", "mosei", "sims")] == [
         "smollm2-1.7b", "gpt2", "gpt2-chinese"]
 
@@ -48,10 +50,16 @@ def test_mm_layers_rescale_keeping_the_last_block():
 
 
 def test_adapting_to_a_tiny_backbone():
-    cfg = adapt_to_backbone(recipe("mosi-smollm2-1.7b"), "tiny-llama", n_layers=4, hidden_size=128)
+    cfg = adapt_to_backbone(recipe("mosi-smollm2-1.7b"), "tiny-llama")
     f = cfg.model.fusion
     assert cfg.model.backbone == "tiny-llama" and f.mm_layers[-1] == 3 and f.n_heads == 8
     assert f.lora_rank == 32  # capped at a quarter of the width
+
+
+def test_demo_is_the_mosi_recipe_adapted_to_smollm2_135m():
+    adapted = adapt_to_backbone(recipe("mosi-smollm2-1.7b"), "smollm2-135m").model.fusion
+    demo = recipe("demo").model.fusion
+    assert (demo.mm_layers, demo.n_heads) == (adapted.mm_layers, adapted.n_heads) and demo.lora_rank == 0
 
 
 def test_unknown_recipe():

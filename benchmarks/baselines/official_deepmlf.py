@@ -138,8 +138,8 @@ class OfficialStyleDeepMLF(nn.Module):
         super().__init__()
         if cfg.fusion.lora_rank:
             raise NotImplementedError("OfficialStyleDeepMLF: LoRA in the MM FFN is not implemented; use lora_rank=0")
-        if not cfg.fusion.combine:
-            raise NotImplementedError("OfficialStyleDeepMLF: only combine=True (every released recipe)")
+        if not cfg.fusion.ffn_all_rows:
+            raise NotImplementedError("OfficialStyleDeepMLF: only the FFN on all rows (`combine`, every released recipe)")
         self.cfg, self.spec, self.tokenizer = cfg, spec, tokenizer
         self.n_text, self.n_fusion = cfg.text.max_tokens, cfg.fusion.n_tokens
         self.lm = lm
@@ -201,22 +201,23 @@ class OfficialStyleDeepMLF(nn.Module):
     @torch.no_grad()
     def load_from_deepmlf(self, model) -> None:
         """Copy fusion tokens, AV encoder, MM blocks and heads from a deepmlf-fast DeepMLF."""
-        self.fusion_tokens.copy_(model.fusion_tokens)
+        self.fusion_tokens.copy_(model.fusion_tokens.weight)
         self.av_encoder.load_state_dict(model.av_encoder.state_dict())
         self.av_norm.load_state_dict(model.av_norm.state_dict())
         for i, src in model.mm_blocks.items():
             dst = self.mm_blocks[i]
+            xa, ffn = src.xattn, src.ffn
             dst.xattn.load_weights(
-                src.ln_1.weight, getattr(src.ln_1, "bias", None), src.q_proj.weight, src.kv_proj.weight,
-                src.o_proj.weight, src.alpha_attn,
+                xa.norm.weight, getattr(xa.norm, "bias", None), xa.q_proj.weight, xa.kv_proj.weight,
+                xa.o_proj.weight, xa.gate.alpha,
             )
-            dst.ln_2.load_state_dict(src.ln_2.state_dict())
-            dst.alpha_2.copy_(src.alpha_ffn)
+            dst.ln_2.load_state_dict(ffn.norm.state_dict())
+            dst.alpha_2.copy_(ffn.gate.alpha)
             if self.spec.ffn == "mlp":
-                pairs = [(dst.ffn.fc_in, src.ffn.fc_in), (dst.ffn.fc_out, src.ffn.fc_out)]
+                pairs = [(dst.ffn.fc_in, ffn.mlp.fc_in), (dst.ffn.fc_out, ffn.mlp.fc_out)]
             else:
-                pairs = [(dst.ffn.gate, src.ffn.gate_proj), (dst.ffn.up, src.ffn.up_proj),
-                         (dst.ffn.down, src.ffn.down_proj)]
+                pairs = [(dst.ffn.gate, ffn.mlp.gate_proj), (dst.ffn.up, ffn.mlp.up_proj),
+                         (dst.ffn.down, ffn.mlp.down_proj)]
             for d, s in pairs:
                 d.load_state_dict(s.state_dict())
         h = model.heads

@@ -18,7 +18,6 @@ from deepmlf_fast.errors import BackboneError
 class ArchSpec:
     """Locations and conventions of one decoder family (attribute paths from the CausalLM)."""
 
-    family: Literal["gpt2", "llama"]
     base: str
     """Attribute of the CausalLM holding the base model."""
     layers: str
@@ -32,8 +31,6 @@ class ArchSpec:
     ffn: Literal["mlp", "swiglu"]
     ffn_paths: tuple[str, ...]
     """Inside a decoder block: (fc_in, fc_out) for `mlp`, (gate, up, down) for `swiglu`."""
-    ffn_conv1d: bool
-    """True when FFN weights use HF `Conv1D` layout (in, out) instead of `nn.Linear` (out, in)."""
     act_attr: str
     embed_dropout_attr: str | None
     mm_ffn_dropout: bool
@@ -42,7 +39,6 @@ class ArchSpec:
 
 ARCHS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
-        family="gpt2",
         base="transformer",
         layers="h",
         embed_tokens="wte",
@@ -53,13 +49,11 @@ ARCHS: dict[str, ArchSpec] = {
         norm_eps_attr="layer_norm_epsilon",
         ffn="mlp",
         ffn_paths=("mlp.c_fc", "mlp.c_proj"),
-        ffn_conv1d=True,
         act_attr="activation_function",
         embed_dropout_attr="embd_pdrop",
         mm_ffn_dropout=True,
     ),
     "llama": ArchSpec(
-        family="llama",
         base="model",
         layers="layers",
         embed_tokens="embed_tokens",
@@ -70,7 +64,6 @@ ARCHS: dict[str, ArchSpec] = {
         norm_eps_attr="rms_norm_eps",
         ffn="swiglu",
         ffn_paths=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-        ffn_conv1d=False,
         act_attr="hidden_act",
         embed_dropout_attr=None,
         mm_ffn_dropout=False,

@@ -1,7 +1,9 @@
 """Resolve a backbone name or path to a local checkpoint and load it, frozen.
 
 Never downloads: hub ids are looked up in the local Hugging Face cache only
-(`local_files_only=True`), and a missing one fails with instructions.
+(`local_files_only=True`), and a missing one fails with instructions. The pad id is decided
+here, once, when the tokenizer is loaded (`pad_token_id`); data and model take it from the
+`LoadedBackbone`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,28 @@ from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.ops import hf_attention
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedBackbone:
+    """A frozen causal LM with what DeepMLF needs to wrap it."""
+
+    lm: torch.nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    pad_id: int
+    """The id that pads transcripts and that the last real token predicts in the CLM term."""
+    name: str
+
+
+def pad_token_id(tokenizer) -> int:
+    """DeepMLF's pad id: the tokenizer's pad token, else its EOS (GPT-2 has no pad token;
+    the official code sets pad := EOS). Sets `tokenizer.pad_token` when it was missing."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise BackboneError(f"tokenizer {tokenizer.name_or_path!r}: expected a pad or eos token, found neither")
+        tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.pad_token_id)
 
 
 @dataclass
@@ -69,6 +93,18 @@ def resolve_backbone(name_or_path: str, random_init: bool = False) -> ResolvedBa
     )
 
 
+def backbone_config(name_or_path: str):
+    """The transformers config of a backbone preset, local checkpoint or cached hub id,
+    without loading (or building) weights: dimensions for recipes, validation and memory."""
+    from transformers import AutoConfig
+
+    preset = BACKBONES.get(name_or_path)
+    if preset is not None:
+        kwargs = dict(preset.config)
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoConfig.from_pretrained(resolve_backbone(name_or_path).path, local_files_only=True)
+
+
 def _cached_hub_snapshot(hub_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
 
@@ -86,8 +122,8 @@ def load_backbone(
     load_in_4bit: bool = False,
     random_init: bool = False,
     device: str | torch.device | None = None,
-):
-    """Load a frozen causal LM and its tokenizer; returns `(model, tokenizer, ArchSpec)`.
+) -> LoadedBackbone:
+    """Load a frozen causal LM and its tokenizer.
 
     The model uses `attn_implementation="deepmlf"` and has every parameter frozen.
     `load_in_8bit` / `load_in_4bit` quantize the decoder with bitsandbytes; `random_init`
@@ -104,8 +140,7 @@ def load_backbone(
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=True)
     else:
         tokenizer = offline_tokenizer(resolved.preset.tokenizer_family)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = pad_token_id(tokenizer)
 
     quant = _quantization_config(load_in_8bit, load_in_4bit, dtype)
     if random_init:
@@ -134,9 +169,9 @@ def load_backbone(
             model.to(device)
     model.requires_grad_(False)
     spec = arch_for(model.config.model_type)
-    log.info("loaded backbone %s (%s, %d layers, width %d)", resolved.name, spec.family,
-             model.config.num_hidden_layers, model.config.hidden_size)
-    return model, tokenizer, spec
+    log.info("loaded backbone %s (%s, %d layers, width %d, %s)", resolved.name, model.config.model_type,
+             model.config.num_hidden_layers, model.config.hidden_size, str(dtype).replace("torch.", ""))
+    return LoadedBackbone(model, tokenizer, spec, pad_id, resolved.name)
 
 
 def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype: torch.dtype):
@@ -156,8 +191,3 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype: torch.dt
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage,
     )
-
-
-def arch_of(model) -> ArchSpec:
-    """ArchSpec of a loaded HF model."""
-    return arch_for(model.config.model_type)

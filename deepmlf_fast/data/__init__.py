@@ -2,9 +2,10 @@
 
 from deepmlf_fast.data.loader import Batch, EpochSampler, MMSADataset, make_loader
 from deepmlf_fast.data.mmsa import MMSAData, MMSASplit, convert_pickle, from_mmsa_dict, load_mmsa, save_npz
+from deepmlf_fast.data.packing import PackedLayout, pack_padded
 from deepmlf_fast.data.specs import DATASETS, DatasetSpec, dataset_spec
 from deepmlf_fast.data.synthetic import make_synthetic, rotten_tomatoes
-from deepmlf_fast.data.tokenize import TokenizedText, pad_token_id, tokenize_texts
+from deepmlf_fast.data.tokenize import TokenizedText, tokenize_texts
 
 __all__ = [
     "DATASETS",
@@ -14,6 +15,7 @@ __all__ = [
     "MMSAData",
     "MMSADataset",
     "MMSASplit",
+    "PackedLayout",
     "TokenizedText",
     "convert_pickle",
     "dataset_spec",
@@ -21,7 +23,7 @@ __all__ = [
     "load_mmsa",
     "make_loader",
     "make_synthetic",
-    "pad_token_id",
+    "pack_padded",
     "rotten_tomatoes",
     "save_npz",
     "tokenize_texts",

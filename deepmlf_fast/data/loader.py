@@ -1,4 +1,10 @@
-"""Batches of (tokens, audio, vision, label) built by fancy-indexing whole-split arrays."""
+"""Packed batches of (tokens, audio, vision, label), built by fancy-indexing whole-split arrays.
+
+The collate function (run by the loader's workers) packs each batch: the real tokens of
+every transcript, concatenated, and the `PackedLayout` that places them and the fusion
+tokens, built on the host. The batch then moves to the device in one go (`Batch.to`), and
+nothing in a training step reads a device tensor back.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepmlf_fast.data.mmsa import MMSASplit
+from deepmlf_fast.data.packing import PackedLayout
 from deepmlf_fast.data.tokenize import TokenizedText
 from deepmlf_fast.errors import DataError
 
@@ -17,8 +24,8 @@ from deepmlf_fast.errors import DataError
 class Batch:
     """One mini-batch of B samples.
 
-    input_ids       int64   [B, Lb]      right-padded with the pad id; Lb = max(text_lengths)
-    text_lengths    int64   [B]          real tokens per transcript
+    text_ids        int64   [N_text]     every real token, sample-major (no padding)
+    layout          PackedLayout         rows of text and fusion tokens, lengths, positions
     audio           float32 [B, Ta, Da]
     vision          float32 [B, Tv, Dv]
     audio_lengths   int64   [B] or None  valid audio frames
@@ -27,8 +34,8 @@ class Batch:
     index           int64   [B]          sample indices in the split
     """
 
-    input_ids: torch.Tensor
-    text_lengths: torch.Tensor
+    text_ids: torch.Tensor
+    layout: PackedLayout
     audio: torch.Tensor
     vision: torch.Tensor
     audio_lengths: torch.Tensor | None
@@ -40,23 +47,36 @@ class Batch:
         return len(self.labels)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor on `device`."""
+        """A copy with every tensor (the layout's too) on `device`."""
         moved = {
             f.name: None if (t := getattr(self, f.name)) is None else t.to(device, non_blocking=non_blocking)
             for f in fields(self)
         }
         return Batch(**moved)
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader's pin-memory thread calls this on CUDA)."""
+        return Batch(**{f.name: None if (t := getattr(self, f.name)) is None else t.pin_memory() for f in fields(self)})
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of `DeepMLF.forward` (and of the stage-1 AV model)."""
+        return dict(text_ids=self.text_ids, layout=self.layout, audio=self.audio, vision=self.vision,
+                    audio_lengths=self.audio_lengths, vision_lengths=self.vision_lengths)
+
 
 class MMSADataset(Dataset):
-    """A split and its tokens; items are sample indices, `collate` builds the `Batch`."""
+    """A split and its tokens; items are sample indices, `collate` builds the packed `Batch`.
 
-    def __init__(self, split: MMSASplit, tokens: TokenizedText, pad_id: int):
+    `n_fusion` fusion tokens follow each transcript at positions `fusion_start..` (L).
+    """
+
+    def __init__(self, split: MMSASplit, tokens: TokenizedText, n_fusion: int, fusion_start: int):
         if len(tokens) != len(split):
             raise DataError(f"tokens: expected {len(split)} tokenized transcripts like the split, found {len(tokens)}")
         self.split = split
         self.tokens = tokens
-        self.pad_id = pad_id
+        self.n_fusion = n_fusion
+        self.fusion_start = fusion_start
 
     def __len__(self) -> int:
         return len(self.split)
@@ -65,21 +85,20 @@ class MMSADataset(Dataset):
         return i
 
     def collate(self, indices: list[int]) -> Batch:
-        """Gather samples `indices` [B] into a `Batch`, text padded to the batch's longest."""
+        """Gather samples `indices` [B] into a packed `Batch` (host tensors)."""
         idx = np.asarray(indices, dtype=np.int64)
         s = self.split
         text_lengths = self.tokens.lengths[idx]
         width = int(text_lengths.max())
-        ids = self.tokens.ids[idx, :width].astype(np.int64)
-        # Re-pad so the batch uses this dataset's pad id whatever the tokens were stored with.
-        ids[np.arange(width)[None, :] >= text_lengths[:, None]] = self.pad_id
+        ids = self.tokens.ids[idx, :width]
+        real = np.arange(width)[None, :] < text_lengths[:, None]  # row-major: sample-major tokens
 
         def lengths(x: np.ndarray | None) -> torch.Tensor | None:
             return None if x is None else torch.from_numpy(x[idx])
 
         return Batch(
-            input_ids=torch.from_numpy(ids),
-            text_lengths=torch.from_numpy(text_lengths),
+            text_ids=torch.from_numpy(ids[real].astype(np.int64)),
+            layout=PackedLayout.build(text_lengths, self.n_fusion, self.fusion_start),
             audio=torch.from_numpy(s.audio[idx]),
             vision=torch.from_numpy(s.vision[idx]),
             audio_lengths=lengths(s.audio_lengths),
@@ -123,7 +142,8 @@ class EpochSampler(Sampler[int]):
 def make_loader(
     split: MMSASplit,
     tokens: TokenizedText,
-    pad_id: int,
+    n_fusion: int,
+    fusion_start: int,
     batch_size: int,
     shuffle: bool,
     seed: int | None = None,
@@ -131,10 +151,12 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader of `Batch`es over `split` whose order depends only on (seed, epoch):
-    call `loader.sampler.set_epoch(e)` each epoch. `rank`/`world_size` shard the samples."""
-    dataset = MMSADataset(split, tokens, pad_id)
+    """A DataLoader of packed `Batch`es over `split` whose order depends only on (seed, epoch):
+    call `loader.sampler.set_epoch(e)` each epoch. `rank`/`world_size` shard the samples;
+    `pin_memory` (for CUDA) makes the host-to-device copy of each batch asynchronous."""
+    dataset = MMSADataset(split, tokens, n_fusion, fusion_start)
     sampler = EpochSampler(len(dataset), shuffle, 0 if seed is None else seed, rank, world_size)
     return DataLoader(
         dataset,
@@ -143,4 +165,5 @@ def make_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         collate_fn=dataset.collate,
+        pin_memory=pin_memory,
     )

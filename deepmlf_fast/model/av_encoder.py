@@ -159,11 +159,12 @@ class AVPretrainModel(nn.Module):
         self.clf = nn.Linear(cfg.d_model, 1)
         self.out_len = out_len
 
-    def forward(self, audio, vision, audio_lengths=None, vision_lengths=None) -> torch.Tensor:
-        """-> predictions `(B,)` from the last (valid) step of A."""
+    def forward(self, audio, vision, audio_lengths=None, vision_lengths=None, **text) -> dict[str, torch.Tensor]:
+        """-> `{"pred": (B,)}` from the last (valid) step of A. Takes a batch's model inputs;
+        the text ones (`text_ids`, `layout`) are ignored."""
         a, lengths = self.encoder(audio, vision, audio_lengths, vision_lengths, out_len=self.out_len)
         if lengths is None:
             last = a[:, -1]
         else:
             last = a[torch.arange(a.shape[0], device=a.device), (lengths - 1).clamp_min(0)]
-        return self.clf(last).squeeze(-1)
+        return {"pred": self.clf(last).squeeze(-1)}

@@ -1,21 +1,53 @@
-"""Build a DeepMLF model from a `ModelConfig`: load the frozen backbone, wrap it."""
+"""The one constructor of a DeepMLF model: training, evaluation, memory estimates and the
+benchmarks all build through `build_deepmlf`."""
 
 from __future__ import annotations
 
 import torch
 
-from deepmlf_fast.backbones.load import load_backbone
+from deepmlf_fast.backbones.load import LoadedBackbone, backbone_config, load_backbone
 from deepmlf_fast.config import ModelConfig
 from deepmlf_fast.model.deepmlf import DeepMLF
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+def build_deepmlf(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    init_seed: int = 0,
+    backbone: LoadedBackbone | None = None,
+    backend: str = "auto",
+) -> tuple[DeepMLF, LoadedBackbone]:
+    """-> `(DeepMLF, its LoadedBackbone)`.
+
+    Args:
+        cfg: the model configuration.
+        dtype: the frozen backbone's weight dtype (the run's `hardware.Precision.dtype`).
+        device: where the backbone is loaded (the new modules follow it).
+        init_seed: seeds the new modules' initialisation, so a model rebuilt from a
+            checkpoint's config reproduces every untrained tensor.
+        backbone: an already loaded backbone to wrap (a run shares one across its seeds);
+            loaded from `cfg` when None.
+        backend: attention ops' backend ("auto", "triton", "reference").
+    """
+    if backbone is None:
+        backbone = load_backbone(cfg.backbone, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
+                                 load_in_4bit=cfg.load_in_4bit, random_init=cfg.random_init, device=device)
+    model = DeepMLF(cfg, backbone.lm, backbone.spec, backbone.pad_id, init_seed=init_seed)
+    model.set_backend(backend)
+    return model, backbone
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device | None = None, init_seed: int = 0):
-    """-> `(DeepMLF, tokenizer)`. The new modules' random init depends only on `init_seed`,
-    so a model rebuilt from a checkpoint's config reproduces every untrained tensor."""
-    lm, tokenizer, spec = load_backbone(
-        cfg.backbone, dtype=DTYPES[cfg.backbone_dtype], load_in_8bit=cfg.load_in_8bit,
-        load_in_4bit=cfg.load_in_4bit, random_init=cfg.random_init, device=device,
-    )
-    return DeepMLF(cfg, lm, spec, tokenizer.pad_token_id, init_seed=init_seed), tokenizer
+def build_deepmlf_on_meta(cfg: ModelConfig) -> DeepMLF:
+    """DeepMLF and its backbone on the meta device: shapes and parameter counts, no weights
+    (and no checkpoint needed: only the backbone's config is read)."""
+    from transformers import AutoModelForCausalLM
+
+    from deepmlf_fast.backbones.arch import arch_for
+
+    config = backbone_config(cfg.backbone)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+        lm.requires_grad_(False)
+        return DeepMLF(cfg, lm, arch_for(config.model_type), pad_id=0)

@@ -1,43 +1,48 @@
 """DeepMLF assembly: frozen decoder LM + fusion tokens + MM blocks + AV encoder + heads.
 
-One batch, start to finish (`DeepMLF.forward`):
+One packed batch, start to finish (`DeepMLF.forward`):
 1. AV branch: `A = LayerNorm(AVEncoder(audio, vision))`, `(B, L_av, d_av)`, computed once
    and read by every MM block.
-2. Packing (`PackedLayout`): each sample becomes `[its real text rows ; n fusion rows]`,
-   concatenated into `(N, D)`; no padding rows exist.
-3. Backbone: the LM's own decoder blocks run on the packed rows through the varlen
-   attention op (`attn_implementation="deepmlf"`); after each block listed in
-   `mm_layers` an MM block lets the fusion rows read A.
-   Below the first MM block no text row can depend on a trained parameter, so (when
-   gradients are needed) text rows run there without autograd, recording their keys and
-   values, and the fusion rows run with autograd attending to that recorded prefix.
-   This is exact and removes the backward pass over text rows of the lower blocks.
-4. Heads read the final-norm states of the last real text token, the fusion tokens and
-   mean(A). The causal-LM term (when its weight is > 0 and the model trains) projects
-   only the text rows onto the vocabulary, in chunks (`linear_cross_entropy`).
+2. Embedding: each sample's real tokens, then its n fusion tokens, packed into `(N, D)` rows
+   as the batch's `PackedLayout` places them (built on the host by the loader); no padding.
+3. Backbone: `LMRunner` runs the LM's own decoder blocks on the packed rows, with an MM block
+   after each block listed in `mm_layers` (only fusion rows read A), and the text rows below
+   the first MM block without autograd (exact; see `model/lm_runner.py`).
+4. Readout: the heads read the final-norm states of the last real text token, the fusion
+   tokens and mean(A). When the causal-LM term is on (training, `w_clm > 0`), the text rows'
+   final states and their next-token targets go to `model/losses.py`, which projects them
+   onto the vocabulary in chunks.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from deepmlf_fast.backbones.arch import ArchSpec, get_path
+from deepmlf_fast.backbones.arch import ArchSpec
 from deepmlf_fast.config import ModelConfig
-from deepmlf_fast.errors import ConfigError
+from deepmlf_fast.data.packing import PackedLayout
+from deepmlf_fast.errors import CheckpointError, ConfigError
+from deepmlf_fast.layers import FusionTokens, GatedCrossAttention
 from deepmlf_fast.model.av_encoder import AVEncoder, SoftPerm
 from deepmlf_fast.model.fusion import MMBlock, add_lora, ffn_from_block, xattn_scale
 from deepmlf_fast.model.heads import Heads
-from deepmlf_fast.model.packing import PackedLayout
-from deepmlf_fast.ops.hf_attention import PackedKV
-from deepmlf_fast.ops.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from deepmlf_fast.model.lm_runner import LMRunner
+from deepmlf_fast.model.losses import CLMInputs
+from deepmlf_fast.ops.linear_cross_entropy import IGNORE_INDEX
 
 BACKBONE_PREFIX = "lm."
 
 
 class DeepMLF(nn.Module):
-    """DeepMLF around an already loaded, frozen HF causal LM (see `build_model`)."""
+    """DeepMLF around an already loaded, frozen HF causal LM (built by `model.build.build_deepmlf`).
+
+    Args:
+        cfg: the model configuration; lm: the frozen causal LM (`attn_implementation="deepmlf"`);
+        spec: its architecture table; pad_id: the pad id decided when the backbone was loaded;
+        init_seed: seeds every new module's initialisation (so a rebuilt model reproduces
+            every untrained tensor).
+    """
 
     def __init__(self, cfg: ModelConfig, lm: nn.Module, spec: ArchSpec, pad_id: int, init_seed: int = 0):
         super().__init__()
@@ -45,28 +50,24 @@ class DeepMLF(nn.Module):
         self.spec = spec
         self.pad_id = int(pad_id)
         self.lm = lm
+        self.runner = LMRunner(lm, spec)
         lm_cfg = lm.config
         dim = lm_cfg.hidden_size
-        n_layers = lm_cfg.num_hidden_layers
         self.mm_layers = tuple(sorted(cfg.fusion.mm_layers))
-        _check_mm_layers(self.mm_layers, n_layers, cfg.fusion.n_tokens)
-        if dim % cfg.fusion.n_heads:
-            raise ConfigError(f"fusion.n_heads: {cfg.fusion.n_heads} does not divide the backbone width {dim}")
+        check_model_config(cfg, lm_cfg)
         flags = cfg.flags
-        base = get_path(lm, spec.base)
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
-            self.fusion_tokens = nn.Parameter(torch.randn(cfg.fusion.n_tokens, dim) * 0.02)
+            self.fusion_tokens = FusionTokens(cfg.fusion.n_tokens, dim)
             self.av_encoder = AVEncoder(cfg.av, flags.av_pooling)
             self.av_norm = nn.LayerNorm(cfg.av.d_model)
             blocks = {}
             for i in self.mm_layers:
-                layer = get_path(base, spec.layers)[i]
-                ffn = ffn_from_block(layer, spec, lm_cfg, flags)
+                mlp = ffn_from_block(self.runner.layers[i], spec, lm_cfg, flags)
                 if cfg.fusion.lora_rank > 0:
-                    ffn = add_lora(ffn, cfg.fusion.lora_rank, cfg.fusion.lora_alpha, cfg.fusion.lora_dropout)
+                    mlp = add_lora(mlp, cfg.fusion.lora_rank, cfg.fusion.lora_alpha, cfg.fusion.lora_dropout)
                 blocks[str(i)] = MMBlock(
-                    dim, cfg.av.d_model, cfg.fusion, ffn, spec.norm, getattr(lm_cfg, spec.norm_eps_attr),
+                    dim, cfg.av.d_model, cfg.fusion, mlp, spec.norm, getattr(lm_cfg, spec.norm_eps_attr),
                     xattn_scale(dim, cfg.fusion.n_heads, flags),
                     cfg.fusion.dropout if spec.mm_ffn_dropout else 0.0,
                 )
@@ -78,15 +79,100 @@ class DeepMLF(nn.Module):
         self.backend = "auto"
         self.to(device=self.lm.device)
 
-    # -- parts of the frozen LM, reached through the architecture table ------------------
-    @property
-    def _base(self) -> nn.Module:
-        return get_path(self.lm, self.spec.base)
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        text_ids: torch.Tensor,
+        layout: PackedLayout,
+        audio: torch.Tensor,
+        vision: torch.Tensor,
+        audio_lengths: torch.Tensor | None = None,
+        vision_lengths: torch.Tensor | None = None,
+        *,
+        clm: bool | None = None,
+        return_hidden: bool = False,
+    ) -> dict:
+        """Predictions for one packed batch (`data.loader.Batch.model_inputs()`).
 
-    @property
-    def layers(self) -> nn.ModuleList:
-        return get_path(self._base, self.spec.layers)
+        Args:
+            text_ids: `(N_text,)` every real token, sample-major; layout: where they go.
+            audio: `(B, Ta, Da)`; vision: `(B, Tv, Dv)`; *_lengths: `(B,)` valid frames or None.
+            clm: produce the causal-LM term's inputs (default: training with `w_clm > 0`).
+            return_hidden: also return the final packed states `hidden (N, D)` (before the norm).
+        Returns:
+            dict with `pred`, `pred_text`, `pred_av` `(B,)`, `pred_fusion` `(B, n)` and, when
+            the CLM term is on, `clm` (`losses.CLMInputs`).
+        """
+        av, av_len = self.encode_av(audio, vision, audio_lengths, vision_lengths)
+        hidden = self.embed(text_ids, layout)
+        hidden = self.runner.run(
+            hidden, layout, lambda i, h, rows: self._mm(i, h, rows, av, av_len), self.mm_layers,
+            text_grad_free_until=self._text_grad_free_until(), mm_on_text_rows=self.cfg.fusion.ffn_all_rows,
+            recompute=self.cfg.recompute_lm_blocks and torch.is_grad_enabled(), backend=self.backend,
+        )
+        out = self.readout(hidden, layout, av, av_len)
+        if clm if clm is not None else self.training and self.cfg.loss.w_clm > 0:
+            text = self.runner.final_norm(hidden.index_select(0, layout.text_rows))  # (N_text, D)
+            out["clm"] = CLMInputs(text, self.runner.lm_head_weight, self.clm_targets(text_ids, layout))
+        if return_hidden:
+            out["hidden"] = hidden
+        return out
 
+    def encode_av(self, audio, vision, audio_lengths=None, vision_lengths=None):
+        """-> `A (B, L_av, d_av)` after the LayerNorm, and valid lengths `(B,)` or None."""
+        av, lengths = self.av_encoder(audio, vision, audio_lengths, vision_lengths)
+        return self.av_norm(av), lengths
+
+    def embed(self, text_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Packed input states `(N, D)`: token embeddings of the real text rows, the fusion
+        tokens on theirs, learned positions (GPT-2), embedding dropout."""
+        if self.text_perm is not None and self.training and torch.rand(()) < self.cfg.text.p_apply:
+            # Official SeqAug permutes the L embedding rows of the padded sequence, pads included.
+            width = max(self.cfg.text.max_tokens, layout.max_seqlen_text)
+            ids = text_ids.new_full((layout.batch_size, width), self.pad_id)
+            ids[layout.text_sample, layout.text_position_ids] = text_ids
+            text = self.text_perm(self.runner.embed_tokens(ids))[layout.text_sample, layout.text_position_ids]
+        else:
+            text = self.runner.embed_tokens(text_ids)  # (N_text, D)
+        hidden = text.new_empty(layout.n_rows, text.shape[1])
+        hidden = hidden.index_copy(0, layout.text_rows, text)
+        fusion = self.fusion_tokens(layout.batch_size).reshape(-1, text.shape[1]).to(text.dtype)  # (B*n, D)
+        hidden = hidden.index_copy(0, layout.fusion_rows, fusion)
+        return self.embed_dropout(self.runner.add_positions(hidden, layout.position_ids))
+
+    def readout(self, hidden: torch.Tensor, layout: PackedLayout, av: torch.Tensor,
+                av_lengths: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The four heads on the final-norm states of the last text token, the fusion tokens and mean(A)."""
+        norm = self.runner.final_norm
+        t_star = norm(hidden.index_select(0, layout.last_text_rows))  # (B, D)
+        fusion = norm(hidden.index_select(0, layout.fusion_rows)).view(layout.batch_size, layout.n_fusion, -1)
+        return self.heads(t_star.float(), fusion.float(), time_mean(av, av_lengths).float())
+
+    def clm_targets(self, text_ids: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Next-token target of every real text row `(N_text,)` (official rule, reference §2.2):
+        the last real token predicts the pad token, or id 0 when the transcript fills all L."""
+        nxt = torch.cat([text_ids[1:], text_ids.new_full((1,), self.pad_id)])
+        last = layout.cu_seqlens_text[1:].long() - 1
+        end = torch.where(layout.text_lengths >= self.cfg.text.max_tokens, 0, self.pad_id).to(nxt.dtype)
+        nxt = nxt.index_copy(0, last, end)
+        return torch.where(nxt >= 0, nxt, torch.full_like(nxt, IGNORE_INDEX))
+
+    def _text_grad_free_until(self) -> int:
+        """Last block whose text rows run without autograd (-1: none). With the MM FFN on every
+        row, text rows depend on trained parameters from the first MM block on; with it on
+        fusion rows only, never."""
+        if not (self.cfg.text_prefix_no_grad and torch.is_grad_enabled()):
+            return -1
+        return self.mm_layers[0] if self.cfg.fusion.ffn_all_rows else len(self.runner.layers) - 1
+
+    def _mm(self, i: int, hidden: torch.Tensor, fusion_rows: torch.Tensor, av: torch.Tensor,
+            av_len: torch.Tensor | None) -> torch.Tensor:
+        """MM block i on `hidden (R, D)`, in the block's (fp32 master) dtype."""
+        block = self.mm_blocks[str(i)]
+        dtype = hidden.dtype
+        return block(hidden.to(block.xattn.q_proj.weight.dtype), fusion_rows, av, av_len).to(dtype)
+
+    # -- what trains, and how it is saved -----------------------------------------------------
     def detach_backbone(self) -> None:
         """Keep the frozen LM out of this module's tree; forward still runs it.
 
@@ -109,7 +195,7 @@ class DeepMLF(nn.Module):
         """Choose the attention ops' backend: 'auto', 'triton' or 'reference'."""
         self.backend = backend
         for block in self.mm_blocks.values():
-            block.backend = backend
+            block.xattn.backend = backend
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters that train plus buffers of the DeepMLF modules; never the backbone."""
@@ -117,188 +203,79 @@ class DeepMLF(nn.Module):
         keep |= {name for name, _ in self.named_buffers() if not name.startswith(BACKBONE_PREFIX)}
         return {k: v for k, v in self.state_dict().items() if k in keep}
 
+    def check_trained_keys(self, state: dict) -> None:
+        """Raise CheckpointError unless `state` has exactly `trained_state_dict`'s keys."""
+        strict_keys(set(self.trained_state_dict()), state, "checkpoint")
+
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load what `trained_state_dict` saved; every key must match exactly."""
-        expected = set(self.trained_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.check_trained_keys(state)
         self.load_state_dict(state, strict=False)
 
-    # -- forward ----------------------------------------------------------------------------
-    def encode_av(self, audio, vision, audio_lengths=None, vision_lengths=None):
-        """-> `A (B, L_av, d_av)` after the LayerNorm, and valid lengths `(B,)` or None."""
-        av, lengths = self.av_encoder(audio, vision, audio_lengths, vision_lengths)
-        return self.av_norm(av), lengths
+    def load_av_encoder(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a stage-1 AV encoder (`AVEncoder.state_dict()`); every key must match."""
+        strict_keys(set(self.av_encoder.state_dict()), state, "AV encoder checkpoint")
+        self.av_encoder.load_state_dict(state)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        text_lengths: torch.Tensor,
-        audio: torch.Tensor,
-        vision: torch.Tensor,
-        audio_lengths: torch.Tensor | None = None,
-        vision_lengths: torch.Tensor | None = None,
-        *,
-        clm: bool | None = None,
-        return_hidden: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """Predictions for one batch.
+    def zero3_leaf_modules(self) -> list[type]:
+        """Module types ZeRO-3 must gather as a whole: they pass their children's weights to a
+        fused function instead of calling the children."""
+        return [GatedCrossAttention]
 
-        Args:
-            input_ids: `(B, Lb)` right-padded token ids; text_lengths: `(B,)` real lengths >= 1.
-            audio: `(B, Ta, Da)`; vision: `(B, Tv, Dv)`; *_lengths: `(B,)` or None.
-            clm: compute the causal-LM loss (default: when training with `w_clm > 0`).
-            return_hidden: also return the final packed hidden states `hidden (N, D)` and the layout.
-        Returns:
-            dict with `pred`, `pred_text`, `pred_av` `(B,)`, `pred_fusion` `(B, n)`, and
-            `clm_loss` (scalar) when computed.
-        """
-        layout = PackedLayout.build(text_lengths, self.cfg.fusion.n_tokens, self.cfg.text.max_tokens, input_ids.device)
-        av, av_len = self.encode_av(audio, vision, audio_lengths, vision_lengths)
-        hidden = self._embed(input_ids, text_lengths, layout)
-        hidden = self._run_layers(hidden, layout, av, av_len)
-
-        final_norm = get_path(self._base, self.spec.final_norm)
-        bsz, n = layout.batch_size, layout.n_fusion
-        t_star = final_norm(hidden.index_select(0, layout.last_text_rows))  # (B, D)
-        fusion = final_norm(hidden.index_select(0, layout.fusion_rows)).view(bsz, n, -1)  # (B, n, D)
-        out = self.heads(t_star.float(), fusion.float(), _time_mean(av, av_len).float())
-        if clm is None:
-            clm = self.training and self.cfg.loss.w_clm > 0
-        if clm:
-            text_states = final_norm(hidden.index_select(0, layout.text_rows))  # (N_text, D)
-            targets = self._clm_targets(input_ids, text_lengths)
-            out["clm_loss"] = linear_cross_entropy(text_states, self.lm.get_output_embeddings().weight, targets)
-        if return_hidden:
-            out["hidden"] = hidden
-            out["layout"] = layout
-        return out
-
-    def _embed(self, input_ids: torch.Tensor, text_lengths: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        """Packed input states `(N, D)`: token embeddings of real text, then fusion tokens."""
-        embed = get_path(self._base, self.spec.embed_tokens)
-        ids = input_ids
-        if self.text_perm is not None and self.training and torch.rand(()) < self.cfg.text.p_apply:
-            # Official SeqAug permutes the L embedding rows of the padded sequence, pads included.
-            width = max(self.cfg.text.max_tokens, ids.shape[1])
-            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
-            emb = self.text_perm(embed(ids))
-        else:
-            emb = embed(ids)  # (B, Lb, D)
-        real = torch.arange(emb.shape[1], device=emb.device)[None, :] < text_lengths[:, None]
-        text = emb[real]  # (N_text, D), sample-major like layout.text_rows
-        bsz = layout.batch_size
-        hidden = text.new_empty(layout.n_rows, text.shape[1])
-        hidden = hidden.index_copy(0, layout.text_rows, text)
-        hidden = hidden.index_copy(0, layout.fusion_rows, self.fusion_tokens.to(text.dtype).repeat(bsz, 1))
-        if self.spec.position_table is not None:
-            hidden = hidden + get_path(self._base, self.spec.position_table)(layout.position_ids)
-        return self.embed_dropout(hidden)
-
-    def _positions(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
-        """Per-pass keyword arguments for position handling (rotary cos/sin for Llama)."""
-        if self.spec.rotary is None:
-            return {}
-        rotary = get_path(self._base, self.spec.rotary)
-        pos = position_ids[None]
-        return {"position_embeddings": rotary(hidden[None], pos), "position_ids": pos}
-
-    def _layer(self, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        out = self.layers[i](hidden[None], attention_mask=None, **kwargs)
-        return (out[0] if isinstance(out, tuple) else out)[0]
-
-    def _run_layers(self, hidden, layout: PackedLayout, av, av_len) -> torch.Tensor:
-        n_layers = len(self.layers)
-        mm = set(self.mm_layers)
-        split_end = -1
-        if self.cfg.text_prefix_no_grad and torch.is_grad_enabled():
-            split_end = self.mm_layers[0] if self.cfg.fusion.combine else n_layers - 1
-        start = 0
-        if split_end >= 0:
-            hidden = self._run_split(hidden, layout, av, av_len, split_end)
-            if self.cfg.fusion.combine:
-                hidden = self._mm(split_end, hidden, layout, av, av_len)
-            start = split_end + 1
-        full = dict(
-            cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
-            max_length_q=layout.max_seqlen, max_length_k=layout.max_seqlen,
-            deepmlf_backend=self.backend, **self._positions(hidden, layout.position_ids),
-        )
-        recompute = self.cfg.recompute_lm_blocks and torch.is_grad_enabled()
-        for i in range(start, n_layers):
-            if recompute:
-                hidden = checkpoint(self._layer, i, hidden, full, use_reentrant=False)
-            else:
-                hidden = self._layer(i, hidden, full)
-            if i in mm:
-                hidden = self._mm(i, hidden, layout, av, av_len)
-        return hidden
-
-    def _run_split(self, hidden, layout: PackedLayout, av, av_len, split_end: int) -> torch.Tensor:
-        """Blocks 0..split_end: text rows without autograd, fusion rows with it (exact)."""
-        record: dict = {}
-        text = hidden.index_select(0, layout.text_rows)
-        fusion = hidden.index_select(0, layout.fusion_rows)
-        with torch.no_grad():
-            text = text.detach()
-            kw = dict(
-                cu_seq_lens_q=layout.cu_seqlens_text, cu_seq_lens_k=layout.cu_seqlens_text,
-                max_length_q=layout.max_seqlen_text, max_length_k=layout.max_seqlen_text,
-                deepmlf_backend=self.backend, deepmlf_record=record,
-                **self._positions(text, layout.text_position_ids),
-            )
-            for i in range(split_end + 1):
-                text = self._layer(i, text, kw)
-        prefix = PackedKV(record, layout.text_rows, layout.fusion_rows, layout.n_rows, layout.cu_seqlens, layout.max_seqlen)
-        kw = dict(
-            cu_seq_lens_q=layout.cu_seqlens_fusion, cu_seq_lens_k=layout.cu_seqlens,
-            max_length_q=layout.n_fusion, max_length_k=layout.max_seqlen,
-            deepmlf_backend=self.backend, deepmlf_prefix=prefix,
-            **self._positions(fusion, layout.fusion_position_ids),
-        )
-        local_rows = torch.arange(fusion.shape[0], device=fusion.device)
-        for i in range(split_end + 1):
-            fusion = self._layer(i, fusion, kw)
-            if str(i) in self.mm_blocks and not self.cfg.fusion.combine:
-                fusion = self.mm_blocks[str(i)](fusion, local_rows, layout.n_fusion, av, av_len)
-        merged = fusion.new_empty(layout.n_rows, fusion.shape[1])
-        return merged.index_copy(0, layout.text_rows, text.to(fusion.dtype)).index_copy(0, layout.fusion_rows, fusion)
-
-    def _mm(self, i: int, hidden, layout: PackedLayout, av, av_len) -> torch.Tensor:
-        block = self.mm_blocks[str(i)]
-        dtype = hidden.dtype
-        out = block(hidden.to(block.q_proj.weight.dtype), layout.fusion_rows, layout.n_fusion, av, av_len)
-        return out.to(dtype)
-
-    def _clm_targets(self, input_ids: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor:
-        """Next-token targets of every real text row (official rule, reference §2.2): the last
-        real token predicts the pad token, or id 0 when the transcript fills all L positions."""
-        bsz, width = input_ids.shape
-        nxt = torch.cat([input_ids[:, 1:], input_ids.new_full((bsz, 1), self.pad_id)], dim=1)
-        last = text_lengths - 1
-        end_token = torch.where(text_lengths >= self.cfg.text.max_tokens, 0, self.pad_id)
-        nxt = nxt.scatter(1, last[:, None], end_token[:, None].to(nxt.dtype))
-        real = torch.arange(width, device=input_ids.device)[None, :] < text_lengths[:, None]
-        targets = nxt[real]
-        return torch.where(targets >= 0, targets, torch.full_like(targets, IGNORE_INDEX))
+    def functional_parameter_reads(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module reads a parameter owned by another one
+        (ZeRO-3 registers them as external parameters): the heads' BatchNorm affine weights
+        (read through `F.batch_norm`) and `nn.MultiheadAttention`'s output projection."""
+        reads = [(self.heads, p) for p in self.heads.task_norm.parameters()]
+        for module in self.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                reads += [(module, p) for p in module.out_proj.parameters()]
+        return reads
 
 
-def _time_mean(av: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """Mean of A over time `(B, d)`, over valid steps when lengths are known."""
+def strict_keys(expected: set[str], state: dict, what: str) -> None:
+    """Raise CheckpointError naming missing and unexpected keys unless `state` has exactly `expected`."""
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{what} does not match the model: missing {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''}")
+
+
+def time_mean(av: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean of A `(B, L, d)` over time `(B, d)`, over valid steps when lengths are known."""
     if lengths is None:
         return av.mean(1)
     valid = (torch.arange(av.shape[1], device=av.device)[None, :] < lengths[:, None]).to(av.dtype)
     return (av * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1.0)
 
 
-def _check_mm_layers(mm_layers: tuple[int, ...], n_layers: int, n_tokens: int) -> None:
-    if not mm_layers:
+def check_model_config(cfg: ModelConfig, lm_config) -> None:
+    """Validate a model configuration against a backbone's config (dimensions only; no weights).
+
+    Raises ConfigError naming the field, what was expected and what was found: MM layers in
+    range and distinct, at least one fusion token, fusion positions inside the backbone's
+    position table, MM heads dividing the width, LoRA rank in range."""
+    n_layers, dim = lm_config.num_hidden_layers, lm_config.hidden_size
+    f = cfg.fusion
+    if not f.mm_layers:
         raise ConfigError("fusion.mm_layers: at least one MM block is needed, found none")
-    bad = [i for i in mm_layers if not 0 <= i < n_layers]
+    bad = [i for i in f.mm_layers if not 0 <= i < n_layers]
     if bad:
         raise ConfigError(f"fusion.mm_layers: indices must be in [0, {n_layers - 1}] for this backbone, found {bad}")
-    if len(set(mm_layers)) != len(mm_layers):
-        raise ConfigError(f"fusion.mm_layers: duplicate indices in {list(mm_layers)}")
-    if n_tokens < 1:
-        raise ConfigError(f"fusion.n_tokens: must be >= 1, found {n_tokens}")
+    if len(set(f.mm_layers)) != len(f.mm_layers):
+        raise ConfigError(f"fusion.mm_layers: duplicate indices in {list(f.mm_layers)}")
+    if f.n_tokens < 1:
+        raise ConfigError(f"fusion.n_tokens: must be >= 1, found {f.n_tokens}")
+    if cfg.text.max_tokens < 1:
+        raise ConfigError(f"text.max_tokens: must be >= 1, found {cfg.text.max_tokens}")
+    positions = getattr(lm_config, "max_position_embeddings", None) or getattr(lm_config, "n_positions", None)
+    if positions is not None and cfg.text.max_tokens + f.n_tokens > positions:
+        raise ConfigError(
+            f"fusion.n_tokens: text.max_tokens ({cfg.text.max_tokens}) + fusion tokens ({f.n_tokens}) must fit the "
+            f"backbone's {positions} positions, found {cfg.text.max_tokens + f.n_tokens}"
+        )
+    if f.n_heads < 1 or dim % f.n_heads:
+        raise ConfigError(f"fusion.n_heads: expected a divisor of the backbone width {dim}, found {f.n_heads}")
+    if f.lora_rank < 0 or f.lora_rank > dim:
+        raise ConfigError(f"fusion.lora_rank: expected 0 (no LoRA) to {dim} (the width), found {f.lora_rank}")

@@ -2,10 +2,11 @@
 sequence, then a gated FFN initialised from the wrapped LM block's FFN.
 
     H_f <- H_f + gate(a1) * XAttn(norm1(H_f), A)            (fusion rows only)
-    H   <- H   + gate(a2) * FFN(norm2(H))                   (all rows if combine, else fusion rows)
+    H   <- H   + gate(a2) * FFN(norm2(H))                   (all rows if ffn_all_rows, else fusion rows)
 
-Hidden states arrive packed `(N, D)` (see `model/packing.py`); `fusion_rows` names the
+Hidden states arrive packed `(N, D)` (see `data/packing.py`); `fusion_rows` names the
 rows of the fusion tokens, sample-major, so `H[fusion_rows].view(B, n, D)` are they.
+The two halves are the public layers `GatedCrossAttention` and `GatedFFN`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers.activations import ACT2FN
 from deepmlf_fast.backbones.arch import ArchSpec, get_path
 from deepmlf_fast.backbones.weights import dense_linear
 from deepmlf_fast.config import FusionConfig, ParityFlags
-from deepmlf_fast.ops.cross_attention import gate_value, gated_cross_attention
+from deepmlf_fast.layers import GatedCrossAttention, GatedFFN
 
 
 class MLP(nn.Module):
@@ -90,72 +91,31 @@ def add_lora(ffn: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Modu
     return ffn
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
-
-
 class MMBlock(nn.Module):
-    """One MM block: gated cross-attention (fusion rows -> A) and a gated FFN."""
+    """One MM block: gated cross-attention (fusion rows -> A), then a gated FFN.
 
-    def __init__(
-        self,
-        dim: int,
-        kv_dim: int,
-        cfg: FusionConfig,
-        ffn: nn.Module,
-        norm: str,
-        norm_eps: float,
-        scale: float,
-        ffn_dropout: float,
-    ):
+    `xattn` is a `GatedCrossAttention` (norm `ln_1` of the paper), `ffn` a `GatedFFN` around
+    the FFN copied from the wrapped LM block; the FFN runs on every row or on the fusion rows
+    only (`FusionConfig.ffn_all_rows`).
+    """
+
+    def __init__(self, dim: int, kv_dim: int, cfg: FusionConfig, mlp: nn.Module, norm: str, norm_eps: float,
+                 scale: float, ffn_dropout: float):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.gate = cfg.gate
-        self.combine = cfg.combine
-        self.attn_dropout = cfg.dropout
-        self.form = cfg.xattn_form
-        self.norm_kind = norm
-        self.scale = scale
-        self.ln_1 = make_norm(norm, dim, norm_eps)
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.kv_proj = nn.Linear(kv_dim, 2 * dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.alpha_attn = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
-        self.ln_2 = make_norm(norm, dim, norm_eps)
-        self.ffn = ffn
-        self.ffn_dropout = nn.Dropout(ffn_dropout)
-        self.alpha_ffn = nn.Parameter(torch.full((1,), float(cfg.ffn_gate_init)))
-        self.backend = "auto"
-
-    def cross_attend(self, h_f: torch.Tensor, av: torch.Tensor, av_lengths: torch.Tensor | None) -> torch.Tensor:
-        """`(B, n, D)` fusion states -> gated cross-attention output `(B, n, D)` (residual included)."""
-        dropout = self.attn_dropout if self.training else 0.0
-        return gated_cross_attention(
-            h_f, av.to(h_f.dtype), self.ln_1.weight, getattr(self.ln_1, "bias", None),
-            self.q_proj.weight, self.kv_proj.weight, self.o_proj.weight, self.alpha_attn,
-            n_heads=self.n_heads, norm=self.norm_kind, norm_eps=self.ln_1.eps, gate=self.gate,
-            scale=self.scale, av_lengths=av_lengths, dropout_p=dropout, resid_dropout_p=dropout,
-            form=self.form, backend=self.backend,
+        self.xattn = GatedCrossAttention(
+            dim, kv_dim, cfg.n_heads, norm=norm, norm_eps=norm_eps, gate=cfg.gate, gate_init=cfg.gate_init,
+            scale=scale, dropout=cfg.dropout, form=cfg.xattn_form,
         )
+        self.ffn = GatedFFN(mlp, dim, norm=norm, norm_eps=norm_eps, gate=cfg.gate, gate_init=cfg.ffn_gate_init,
+                            dropout=ffn_dropout)
+        self.ffn_all_rows = cfg.ffn_all_rows
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        fusion_rows: torch.Tensor,
-        n_fusion: int,
-        av: torch.Tensor,
-        av_lengths: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """hidden `(N, D)` packed -> `(N, D)`; only fusion rows read A."""
-        dim = hidden.shape[-1]
-        h_f = hidden.index_select(0, fusion_rows).view(-1, n_fusion, dim)  # (B, n, D)
-        h_f = self.cross_attend(h_f, av, av_lengths).reshape(-1, dim)
-        hidden = hidden.index_copy(0, fusion_rows, h_f)
-        gate = gate_value(self.alpha_ffn, self.gate).to(hidden.dtype)
-        if self.combine:
-            return hidden + gate * self.ffn_dropout(self.ffn(self.ln_2(hidden)))
-        h_f = h_f + gate * self.ffn_dropout(self.ffn(self.ln_2(h_f)))
-        return hidden.index_copy(0, fusion_rows, h_f)
+    def forward(self, hidden: torch.Tensor, fusion_rows: torch.Tensor, av: torch.Tensor,
+                av_lengths: torch.Tensor | None) -> torch.Tensor:
+        """hidden `(N, D)` packed -> `(N, D)`; only the fusion rows (`fusion_rows`, sample-major)
+        read A `(B, L_av, d_av)`."""
+        hidden = self.xattn(hidden, av, av_lengths, rows=fusion_rows)
+        return self.ffn(hidden, rows=None if self.ffn_all_rows else fusion_rows)
 
 
 def xattn_scale(dim: int, n_heads: int, flags: ParityFlags) -> float:

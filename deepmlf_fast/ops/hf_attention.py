@@ -11,13 +11,15 @@ The registered function understands three layouts:
   the `(B, K)` mask instead of a dense 4-D one) and routes to `padded_attention`;
 * packed (`cu_seq_lens_q/k`, `max_length_q/k` keyword arguments, the names transformers'
   FlashAttention path and `DataCollatorWithFlattening` use): straight to `varlen_attention`;
-* packed with a recorded key/value prefix (`deepmlf_record` / `deepmlf_prefix`), used by
-  DeepMLF to run the text rows without autograd and the fusion rows with it.
+* packed with a `VarlenContext` (keyword `varlen`): the caller's own layout, backend and an
+  optional hook that may replace each layer's keys and values before attention (a caller
+  can record them, or prepend keys computed elsewhere). Nothing here knows what the hook does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -25,30 +27,23 @@ from deepmlf_fast.ops.attention import padded_attention, varlen_attention
 
 ATTN_NAME = "deepmlf"
 
+KVHook = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""`(layer_idx, k (Nk, Hkv, d), v) -> (k', v')`; the keys the context's `cu_seqlens_k` describe."""
+
 
 @dataclass
-class PackedKV:
-    """Layout that merges recorded text keys/values with fusion-row keys/values.
+class VarlenContext:
+    """One packed pass through a decoder: where each sample's queries and keys are, which
+    backend runs the attention, and an optional per-layer key/value hook."""
 
-    Sample b's keys are `[text_b ; fusion_b]` in the combined packed layout; `text_rows` and
-    `fusion_rows` give each recorded text row and each fusion row its row there.
-    """
-
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    """layer index -> (k, v), each `(N_text, Hkv, d)`, recorded without autograd."""
-    text_rows: torch.Tensor
-    fusion_rows: torch.Tensor
-    n_rows: int
+    cu_seqlens_q: torch.Tensor
+    """(B+1,) int32 query row starts."""
     cu_seqlens_k: torch.Tensor
+    """(B+1,) int32 key row starts, after the hook."""
+    max_seqlen_q: int
     max_seqlen_k: int
-
-    def merge(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Combined `(N_text + N_fusion, Hkv, d)` keys and values for one layer."""
-        text_k, text_v = self.store[layer_idx]
-        shape = (self.n_rows, *k.shape[1:])
-        full_k = k.new_empty(shape).index_copy(0, self.text_rows, text_k).index_copy(0, self.fusion_rows, k)
-        full_v = v.new_empty(shape).index_copy(0, self.text_rows, text_v).index_copy(0, self.fusion_rows, v)
-        return full_k, full_v
+    backend: str = "auto"
+    kv_hook: KVHook | None = None
 
 
 def deepmlf_attention(
@@ -63,27 +58,24 @@ def deepmlf_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: `query (B, Hq, S, d)`, `key/value (B, Hkv, K, d)`
     -> `(B, S, Hq, d)` output and no attention weights."""
-    backend = kwargs.get("deepmlf_backend", "auto")
     causal = getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
-    cu_q = kwargs.get("cu_seq_lens_q")
-    if cu_q is not None:
+    ctx: VarlenContext | None = kwargs.get("varlen")
+    if ctx is None and kwargs.get("cu_seq_lens_q") is not None:
+        ctx = VarlenContext(kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+                            kwargs["max_length_k"])
+    if ctx is not None:
         if query.shape[0] != 1:
             raise ValueError(f"packed attention expects batch 1 (all rows packed), found batch {query.shape[0]}")
         q = query[0].transpose(0, 1)  # (S, Hq, d)
         k = key[0].transpose(0, 1)  # (K, Hkv, d)
         v = value[0].transpose(0, 1)
-        cu_k, max_q, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
-        record = kwargs.get("deepmlf_record")
-        if record is not None:
-            record[module.layer_idx] = (k.detach(), v.detach())
-        prefix: PackedKV | None = kwargs.get("deepmlf_prefix")
-        if prefix is not None:
-            k, v = prefix.merge(module.layer_idx, k, v)
-            cu_k, max_k = prefix.cu_seqlens_k, prefix.max_seqlen_k
-        _check_window(window, max_k)
+        if ctx.kv_hook is not None:
+            k, v = ctx.kv_hook(module.layer_idx, k, v)
+        _check_window(window, ctx.max_seqlen_k)
         out = varlen_attention(
-            q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling, dropout_p=dropout, backend=backend
+            q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
+            causal=causal, scale=scaling, dropout_p=dropout, backend=ctx.backend,
         )
         return out.unsqueeze(0), None
     _check_window(window, key.shape[2])
@@ -92,9 +84,7 @@ def deepmlf_attention(
             f"attn_implementation={ATTN_NAME!r} expects a 2-D key padding mask, found shape "
             f"{tuple(attention_mask.shape)}; call deepmlf_fast.ops.hf_attention.register() before loading the model"
         )
-    out = padded_attention(
-        query, key, value, attention_mask, causal=causal, scale=scaling, dropout_p=dropout, backend=backend
-    )
+    out = padded_attention(query, key, value, attention_mask, causal=causal, scale=scaling, dropout_p=dropout)
     return out, None
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepmlf_fast.errors import CheckpointError
-from deepmlf_fast.fileio import atomic_dir, atomic_path, write_text_atomic
+from deepmlf_fast.fileio import atomic_dir, atomic_path
 
 FORMAT = "deepmlf-fast/1"
 
@@ -92,18 +92,3 @@ def load_resume(folder: str | Path) -> tuple[dict, dict, dict, TrainState]:
     extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     state = TrainState(**json.loads((folder / "state.json").read_text()))
     return load_weights(folder / "model.safetensors"), extra["engine"], extra["rng"], state
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Atomic JSON write; NaN becomes null so the file stays valid JSON."""
-    write_text_atomic(path, json.dumps(_nan_to_none(obj), indent=2, sort_keys=True) + "\n")
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj

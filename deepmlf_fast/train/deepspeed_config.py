@@ -7,16 +7,18 @@ the run; `resolve_deepspeed_config` fills those from the `RunConfig` and the wor
     gradient_accumulation_steps      optim.grad_accum
     train_batch_size                 micro batch x accumulation x world size
     gradient_clipping                optim.grad_clip (DeepSpeed's own default would be 1.0)
-    torch_autocast.enabled           train.precision == "bf16"
+    torch_autocast.enabled           the run's resolved precision is bf16 (`deepmlf_fast.hardware`)
     torch_autocast.dtype             "bfloat16"
     optimizer.params lr / betas / eps / weight_decay   optim.lr_mm / betas / eps / weight_decay_mm
 
 An explicit value that differs raises a `ConfigError` naming the key, the config's value
 and the run's. A missing key is filled as if it said "auto".
 
-Precision: `--precision bf16` means bf16 autocast over float32 weights, in one process
-and under DeepSpeed alike; DeepSpeed's name for that is `torch_autocast` (its engine
-would otherwise switch the loop's autocast off inside forward). DeepSpeed's `bf16` mode
+Precision comes from the run's precision policy, so one config per ZeRO stage and offload
+setting serves every recipe and device: bf16 means bf16 autocast over float32 trained
+weights (the frozen backbone in bf16), in one process and under DeepSpeed alike;
+DeepSpeed's name for that is `torch_autocast` (its engine would otherwise switch the
+loop's autocast off inside forward). DeepSpeed's `bf16` mode
 instead stores the trained weights, BatchNorm statistics and norms in bf16 with a float32
 master copy; it is refused (`bf16.enabled` must be false or "auto"), as is `fp16`.
 """
@@ -85,11 +87,16 @@ def resolve_deepspeed_config(raw: dict, cfg: RunConfig, world_size: int) -> dict
     _fill(out, ("train_batch_size",), micro * accum * world_size,
           f"micro batch {micro} x accumulation {accum} x world size {world_size}")
     _fill(out, ("gradient_clipping",), float(o.grad_clip), "optim.grad_clip")
-    bf16 = cfg.train.precision == "bf16"
-    _fill(out, ("torch_autocast", "enabled"), bf16,
-          f"--precision {cfg.train.precision}; the shipped *_bf16.json configs are for --precision bf16")
+    precision = cfg.resolved.precision
+    if precision not in ("fp32", "bf16"):
+        raise ValueError("resolve_deepspeed_config: the run's precision must be resolved first (hardware.resolve_precision)")
+    bf16 = precision == "bf16"
+    source = f"the run's precision {precision} ({cfg.resolved.precision_reason})"
+    _fill(out, ("torch_autocast", "enabled"), bf16, source)
     if bf16:
-        _fill(out, ("torch_autocast", "dtype"), "bfloat16", "--precision bf16")
+        _fill(out, ("torch_autocast", "dtype"), "bfloat16", source)
+    elif out["torch_autocast"].get("dtype") == AUTO:
+        del out["torch_autocast"]["dtype"]  # autocast is off: no dtype to fill
     for mode in ("bf16", "fp16"):
         if out.get(mode, {}).get("enabled") not in (None, False, AUTO):
             raise ConfigError(

@@ -148,10 +148,7 @@ class DeepSpeedEngine:
             return
         import deepspeed
 
-        expected = set(self.module.trained_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.module.check_trained_keys(state)
         for prefix, module in self.module.named_modules():
             prefix = f"{prefix}." if prefix else ""
             params = dict(module.named_parameters(recurse=False))
@@ -179,31 +176,15 @@ def _gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _mark_functional_reads(model) -> None:
-    """Tell ZeRO-3 about parameters read outside their own module's forward.
-
-    ZeRO-3 gathers a module's parameters just before that module's forward. Code that
-    passes a child's weights to a fused function would read empty partitions, so:
-    * an MM block reads its norm and projection weights inside the fused gated
-      cross-attention: the whole block is a ZeRO-3 leaf (gathered and released as one);
-    * the heads pass the BatchNorm's affine weights to `F.batch_norm`, and
-      `nn.MultiheadAttention` (AV encoder) passes `out_proj`'s: those are registered as
-      external parameters of the module that reads them.
-    Leaves need tensor outputs and inputs that require grad, which holds for MM blocks but
-    not for the heads (dict output) or the AV encoder (no grad inputs).
-    """
+    """Tell ZeRO-3 about parameters read outside their own module's forward, as the model
+    declares them: ZeRO-3 gathers a module's parameters just before that module's forward,
+    so a module that passes its children's weights to a fused function is a leaf (gathered
+    and released as one), and a parameter read by another module is registered as that
+    module's external parameter. Leaves need tensor outputs and inputs that require grad,
+    which holds for the cross-attention layers but not for the heads (dict output)."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    from deepmlf_fast.model.fusion import MMBlock
-    from deepmlf_fast.model.heads import Heads
-
-    set_z3_leaf_modules(model, [MMBlock])
-    for module in model.modules():
-        if isinstance(module, Heads):
-            reads = module.task_norm
-        elif isinstance(module, torch.nn.MultiheadAttention):
-            reads = module.out_proj
-        else:
-            continue
-        for p in reads.parameters():
-            deepspeed.zero.register_external_parameter(module, p)
+    set_z3_leaf_modules(model, model.zero3_leaf_modules())
+    for module, param in model.functional_parameter_reads():
+        deepspeed.zero.register_external_parameter(module, param)

@@ -1,10 +1,11 @@
 """Optimisation engines: what happens between `loss` and the next optimiser step.
 
-`PlainEngine` runs in one process; `deepmlf_fast.train.deepspeed_engine.DeepSpeedEngine`
-offers the same interface on top of a DeepSpeed engine. The training loops only call
-`backward`, `maybe_step`, `end_epoch`, `steps_per_epoch`, `state_dict`/`load_state_dict`,
-`wrap` (the module to run forward passes through) and `model_state`/`load_model_state`
-(the trained weights, which DeepSpeed may hold partitioned).
+`Engine` is the interface the training loops of both stages use; `make_engine` is the one
+factory. `PlainEngine` runs in one process; `deepmlf_fast.train.deepspeed_engine.DeepSpeedEngine`
+offers the same interface on top of a DeepSpeed engine (stage 2 with `train.deepspeed`).
+The loops only call `backward`, `maybe_step`, `end_epoch`, `steps_per_epoch`,
+`state_dict`/`load_state_dict`, `wrap` (the module to run forward passes through) and
+`model_state`/`load_model_state` (the trained weights, which DeepSpeed may hold partitioned).
 
 Accumulation and clipping follow the parity flags:
 * corrected: the loss of each micro-batch is divided by the accumulation count (the
@@ -19,11 +20,65 @@ Accumulation and clipping follow the parity flags:
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 
-from deepmlf_fast.config import ParityFlags
+from deepmlf_fast.config import ParityFlags, RunConfig
 from deepmlf_fast.errors import CheckpointError
+
+
+class Engine(Protocol):
+    """What the training loops need from an optimisation engine."""
+
+    def steps_per_epoch(self, n_batches: int) -> int: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def maybe_step(self) -> bool: ...
+    def end_epoch(self) -> bool: ...
+    @property
+    def lr(self) -> float: ...
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def model_state(self, model) -> dict[str, torch.Tensor]: ...
+    def load_model_state(self, model, state: dict[str, torch.Tensor]) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def steps_per_epoch(n_batches: int, accum: int, flags: ParityFlags) -> int:
+    """Optimiser steps an epoch of `n_batches` micro-batches makes: the trailing partial
+    accumulation is stepped (corrected) or dropped (official)."""
+    accum = max(1, accum)
+    return math.ceil(n_batches / accum) if flags.grad_accum == "mean" else n_batches // accum
+
+
+def make_engine(stage: Literal["av", "deepmlf"], model: torch.nn.Module, cfg: RunConfig, n_batches: int,
+                checkpoint_dir: str | Path | None = None) -> Engine:
+    """The engine of a stage.
+
+    * "av" (stage 1, the AV encoder alone): AdamW (the official trainer's default weight decay
+      in parity 'official'), accumulation and value clipping after every micro-batch per the
+      parity flags; no per-step schedule (stage 1 steps a ReduceLROnPlateau on `engine.optimizer`).
+    * "deepmlf" (stage 2): AdamW over the four parameter groups with the warmup + cosine
+      schedule; a `DeepSpeedEngine` (checkpoints in `checkpoint_dir`) when `train.deepspeed`
+      is set, else a `PlainEngine` with accumulation and clipping per the parity flags.
+    """
+    from deepmlf_fast.train.optim import av_pretrain_optimizer, build_optimizer, mm_side_parameters, schedule_for
+
+    flags = cfg.model.flags
+    params = [p for p in model.parameters() if p.requires_grad]
+    if stage == "av":
+        pre = cfg.pretrain
+        return PlainEngine(params, av_pretrain_optimizer(model, cfg), None, accum=pre.grad_accum,
+                           clip=pre.grad_clip, flags=flags, clip_every_micro=True)
+    if cfg.train.deepspeed:
+        from deepmlf_fast.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, n_batches, Path(checkpoint_dir or cfg.train.output_dir))
+    optimizer = build_optimizer(model, cfg.optim, flags)
+    scheduler = schedule_for(optimizer, cfg.optim, max(steps_per_epoch(n_batches, cfg.optim.grad_accum, flags), 1))
+    return PlainEngine(params, optimizer, scheduler, accum=cfg.optim.grad_accum, clip=cfg.optim.grad_clip,
+                       flags=flags, value_clip_params=mm_side_parameters(model))
 
 
 class PlainEngine:
@@ -44,6 +99,7 @@ class PlainEngine:
         self.params = params
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.flags = flags
         self.accum = max(1, accum)
         self.clip = clip
         self.mean = flags.grad_accum == "mean"
@@ -55,9 +111,7 @@ class PlainEngine:
 
     def steps_per_epoch(self, n_batches: int) -> int:
         """Optimiser steps one epoch of `n_batches` micro-batches makes."""
-        if self.mean:
-            return math.ceil(n_batches / self.accum)
-        return n_batches // self.accum
+        return steps_per_epoch(n_batches, self.accum, self.flags)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's loss."""

@@ -1,63 +1,40 @@
-"""Prediction and evaluation over a data loader."""
+"""Prediction and evaluation over a data loader (through the one step function)."""
 
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from deepmlf_fast.metrics import msa_metrics
+from deepmlf_fast.train.step import StepContext, forward_step
 
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on the device's type, or a no-op context."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def eval_in_bf16(cfg) -> bool:
-    """Whether evaluation runs under bf16 autocast: when training does, or in official parity."""
-    return cfg.train.precision == "bf16" or cfg.model.flags.eval_precision == "bf16"
-
-
-def model_inputs(batch) -> dict:
-    """The keyword arguments `DeepMLF.forward` takes, from a `Batch`."""
-    return dict(
-        input_ids=batch.input_ids, text_lengths=batch.text_lengths, audio=batch.audio, vision=batch.vision,
-        audio_lengths=batch.audio_lengths, vision_lengths=batch.vision_lengths,
-    )
+HEADS = ("pred", "pred_text", "pred_av", "pred_fusion")
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, bf16: bool, desc: str = "predict") -> dict[str, np.ndarray]:
+def predict(model, loader, ctx: StepContext, desc: str = "predict") -> dict[str, np.ndarray]:
     """Run the model in eval mode; -> arrays `pred`, `pred_text`, `pred_av`, `pred_fusion`
-    (mean over fusion tokens), `labels`, `index`, each `(N,)` in loader order."""
+    (mean over fusion tokens), `labels`, `index`, each `(N,)` in loader order, and
+    `batch_l1` (each batch's mean |pred - y|, the official `Loss`)."""
     model.eval()
-    cols: dict[str, list] = {k: [] for k in ("pred", "pred_text", "pred_av", "pred_fusion", "labels", "index")}
-    batch_l1 = []
+    cols: dict[str, list] = {k: [] for k in (*HEADS, "labels", "index", "batch_l1")}
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        batch = batch.to(device)
-        with autocast(device, bf16):
-            out = model(**model_inputs(batch))
-        cols["pred"].append(out["pred"].float())
-        cols["pred_text"].append(out["pred_text"].float())
-        cols["pred_av"].append(out["pred_av"].float())
-        cols["pred_fusion"].append(out["pred_fusion"].float().mean(1))
-        cols["labels"].append(batch.labels.float())
-        cols["index"].append(batch.index)
-        batch_l1.append((out["pred"].float() - batch.labels.float()).abs().mean())
-    result = {k: torch.cat(v).cpu().numpy() for k, v in cols.items()}
-    result["batch_l1"] = torch.stack(batch_l1).cpu().numpy()
-    return result
+        step = forward_step(model, batch, ctx)
+        out = step.out
+        for head in HEADS:
+            value = out[head].float()
+            cols[head].append(value.mean(1) if head == "pred_fusion" else value)
+        cols["labels"].append(step.batch.labels.float())
+        cols["index"].append(step.batch.index)
+        cols["batch_l1"].append(step.parts["task"].reshape(1))
+    return {k: torch.cat(v).cpu().numpy() for k, v in cols.items()}
 
 
-def evaluate(model, loader, dataset: str, device: torch.device, bf16: bool, desc: str = "eval") -> dict[str, float]:
+def evaluate(model, loader, dataset: str, ctx: StepContext, desc: str = "eval") -> dict[str, float]:
     """MMSA metrics of the multimodal prediction plus `Loss` (mean over batches of each
     batch's L1, the official model-selection value) and the single-head MAEs."""
-    p = predict(model, loader, device, bf16, desc)
+    p = predict(model, loader, ctx, desc)
     if getattr(loader.sampler, "world_size", 1) > 1:  # a rank's shard: metrics need the whole split
         from deepmlf_fast.train.distributed import gather_predictions
 

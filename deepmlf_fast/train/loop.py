@@ -17,30 +17,26 @@ import torch
 from tqdm.auto import tqdm
 
 from deepmlf_fast.config import RunConfig
-from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import TrainState, load_resume, load_weights, save_resume, save_weights, set_rng_state
-from deepmlf_fast.train.evaluate import autocast, eval_in_bf16, evaluate, model_inputs
+from deepmlf_fast.train.evaluate import evaluate
+from deepmlf_fast.train.step import StepContext, forward_step
 
 log = logging.getLogger(__name__)
 
 
-def train_epoch(model, engine, loader, cfg: RunConfig, device: torch.device, epoch: int) -> dict[str, float]:
+def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: int) -> dict[str, float]:
     """One pass over the training loader; -> mean of each loss part."""
     model.train()
     loader.sampler.set_epoch(epoch)
-    bf16 = cfg.train.precision == "bf16"
     sums: dict[str, torch.Tensor] = {}
     n = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
     for batch in bar:
-        batch = batch.to(device)
-        with autocast(device, bf16):
-            out = model(**model_inputs(batch))
-        loss, parts = deepmlf_loss(out, batch.labels, cfg.model.loss)
-        engine.backward(loss)
+        step = forward_step(model, batch, ctx)
+        engine.backward(step.loss)
         engine.maybe_step()
-        parts["total"] = loss.detach()
+        parts = dict(step.parts, total=step.loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v
         n += 1
@@ -50,12 +46,12 @@ def train_epoch(model, engine, loader, cfg: RunConfig, device: torch.device, epo
     return {k: float(v) / max(n, 1) for k, v in sums.items()}
 
 
-def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, device: torch.device) -> TrainState:
+def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx: StepContext,
+        eval_ctx: StepContext) -> TrainState:
     """Train until early stopping; leaves the best weights loaded. Resumes from
     `seed_dir/last` when it exists. In a distributed run every rank calls it (`model` is
     `engine.wrap(model)`); train losses are averaged over ranks and only rank 0 writes."""
     key = cfg.optim.key_metric
-    eval_bf16 = eval_in_bf16(cfg)
     state = TrainState()
     last, best_path = seed_dir / "last", seed_dir / "best.safetensors"
     if last.exists():
@@ -67,8 +63,8 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, device: to
                  state.best_metric, state.best_epoch + 1)
     while state.epoch < cfg.optim.max_epochs and not _stopped(state, cfg.optim.early_stop):
         start = time.time()
-        train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, device, state.epoch))
-        valid = evaluate(model, loaders["valid"], cfg.data.dataset, device, eval_bf16, desc="valid")
+        train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch))
+        valid = evaluate(model, loaders["valid"], cfg.data.dataset, eval_ctx, desc="valid")
         improved = valid[key] < state.best_metric - 1e-6
         if improved:
             state.best_metric, state.best_epoch = valid[key], state.epoch

@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the warmup + cosine schedule (reference §2.5-2.6).
+"""AdamW parameter groups and the warmup + cosine schedule (reference §2.5-2.6), and stage 1's
+optimizer (§2.8).
 
 Groups: {MM side, AV side} x {decay, no decay}. The MM side holds everything trained
 outside the AV encoder (MM blocks, fusion tokens, heads, AV LayerNorm). Which parameters
@@ -14,31 +15,40 @@ import math
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.config import OptimConfig, ParityFlags
+from deepmlf_fast.config import OptimConfig, ParityFlags, RunConfig
+from deepmlf_fast.layers import FusionTokens, Gate
 
 NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d)
+NO_DECAY_TYPES = NORM_TYPES + (Gate, FusionTokens)
+"""Modules whose own parameters the corrected rule exempts from weight decay."""
+AV_PREFIX = "av_encoder."
+
+
+def mm_side_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trained parameters outside the AV encoder: the side the official code value-clips."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(AV_PREFIX)]
 
 
 def no_decay_names(model: nn.Module, flags: ParityFlags) -> set[str]:
     """Names of trainable parameters that get no weight decay under `flags`."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     if flags.weight_decay == "exempt_biases_only":
         return {n for n, p in model.named_parameters() if p.requires_grad and "bias" in n}
+    names = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     for mod_name, module in model.named_modules():
-        if isinstance(module, NORM_TYPES):
-            names |= {f"{mod_name}.{n}" for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    names |= {n for n, p in model.named_parameters() if p.requires_grad and (n.split(".")[-1].startswith("alpha_") or n == "fusion_tokens")}
+        if isinstance(module, NO_DECAY_TYPES):
+            prefix = f"{mod_name}." if mod_name else ""
+            names |= {prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     return names
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig, flags: ParityFlags, av_prefix: str = "av_encoder.") -> list[dict]:
+def param_groups(model: nn.Module, cfg: OptimConfig, flags: ParityFlags) -> list[dict]:
     """The four AdamW groups; each carries a `name` ('mm_decay', 'mm_no_decay', 'av_decay', 'av_no_decay')."""
     exempt = no_decay_names(model, flags)
     groups = {k: [] for k in ("mm_decay", "mm_no_decay", "av_decay", "av_no_decay")}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        side = "av" if name.startswith(av_prefix) else "mm"
+        side = "av" if name.startswith(AV_PREFIX) else "mm"
         groups[f"{side}_{'no_decay' if name in exempt else 'decay'}"].append(p)
     spec = {
         "mm_decay": (cfg.lr_mm, cfg.weight_decay_mm), "mm_no_decay": (cfg.lr_mm, 0.0),
@@ -53,6 +63,22 @@ def param_groups(model: nn.Module, cfg: OptimConfig, flags: ParityFlags, av_pref
 def build_optimizer(model: nn.Module, cfg: OptimConfig, flags: ParityFlags) -> torch.optim.AdamW:
     """AdamW over `param_groups` with the recipe's betas and eps."""
     return torch.optim.AdamW(param_groups(model, cfg, flags), betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def av_pretrain_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """Stage 1's AdamW: the configured weight decay with the corrected exemptions, or (parity
+    'official') AdamW's default 0.01 on everything, which the official stage-1 trainer uses
+    because it never passes its configured weight decay."""
+    flags, pre = cfg.model.flags, cfg.pretrain
+    if flags.weight_decay == "exempt_biases_only":
+        return torch.optim.AdamW(model.parameters(), lr=pre.lr, betas=tuple(cfg.optim.betas))
+    exempt = no_decay_names(model, flags)
+    params = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in params if n not in exempt], "weight_decay": pre.weight_decay},
+        {"params": [p for n, p in params if n in exempt], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=pre.lr, betas=tuple(cfg.optim.betas))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, period: int, eta_min: float):

@@ -12,7 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertTokenizerFast
 from deepmlf_fast.backbones.load import load_backbone
 from deepmlf_fast.backbones.offline import smollm2_tokenizer
 from deepmlf_fast.config import AVEncoderConfig, FusionConfig, ModelConfig, TextConfig
-from deepmlf_fast.model.deepmlf import DeepMLF
+from deepmlf_fast.data.packing import pack_padded
+from deepmlf_fast.model.build import build_deepmlf
+from deepmlf_fast.model.losses import deepmlf_loss
 
 LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
@@ -48,22 +50,23 @@ def test_family_trains_through_deepmlf(tmp_path, family, smollm2_tok):
         extra = {"sliding_window": 4096} if family == "mistral" else {}
         path = _save(tmp_path, family, tok, **LLAMA_LIKE, **extra)
         texts = ["a fine film", "not good"]
-    lm, tok, spec = load_backbone(path)
+    bb = load_backbone(path)
+    tok = bb.tokenizer
     cfg = ModelConfig(backbone=path, av=AVEncoderConfig(max_len=8), text=TextConfig(max_tokens=12),
                       fusion=FusionConfig(n_tokens=3, mm_layers=(1, 2), n_heads=4))
-    model = DeepMLF(cfg, lm, spec, tok.pad_token_id).train()
+    model = build_deepmlf(cfg, backbone=bb)[0].train()
     enc = tok(texts, padding=True, return_tensors="pt")
     if family == "gpt2-bert":
-        assert enc["input_ids"][0, 0].item() == tok.cls_token_id and tok.pad_token_id == 0
-    batch = dict(input_ids=enc["input_ids"], text_lengths=enc["attention_mask"].sum(1),
-                 audio=torch.randn(2, 20, 5), vision=torch.randn(2, 16, 20))
+        assert enc["input_ids"][0, 0].item() == tok.cls_token_id and bb.pad_id == 0
+    text_ids, layout = pack_padded(enc["input_ids"], enc["attention_mask"].sum(1), 3, 12)
+    batch = dict(text_ids=text_ids, layout=layout, audio=torch.randn(2, 20, 5), vision=torch.randn(2, 16, 20))
     out = model(**batch, clm=True)
-    (out["pred"].sum() + out["clm_loss"]).backward()
-    assert model.fusion_tokens.grad is not None and torch.isfinite(out["pred"]).all()
+    (out["pred"].sum() + deepmlf_loss(out, torch.zeros(2), cfg.loss)[0]).backward()
+    assert model.fusion_tokens.weight.grad is not None and torch.isfinite(out["pred"]).all()
     assert all(p.grad is None for p in model.lm.parameters())
     model.eval()
     with torch.no_grad():  # text rows never see the AV stream, whatever the family
         a = model(**batch, return_hidden=True)
         b = model(**dict(batch, audio=batch["audio"] + 5), return_hidden=True)
-    rows = a["layout"].text_rows
+    rows = layout.text_rows
     assert torch.equal(a["hidden"][rows], b["hidden"][rows])

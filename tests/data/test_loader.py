@@ -1,4 +1,4 @@
-"""Batches: shapes, dtypes, per-batch text padding, deterministic shuffling."""
+"""Batches: shapes, dtypes, packed text and its host-built layout, deterministic shuffling."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from deepmlf_fast.data.mmsa import from_mmsa_dict
 from deepmlf_fast.data.tokenize import TokenizedText
 from deepmlf_fast.errors import DataError
 
-PAD = 99
+N_FUSION, FUSION_START = 2, 8
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def split(make_raw):
 
 @pytest.fixture
 def tokens():
-    # Stored padding (-1) differs from the loader's pad id to show the batch re-pads.
+    # Stored padding (-1) is never read: batches hold only real tokens.
     lengths = np.array([3, 1, 5, 2, 2, 4, 1, 3, 2, 6])
     ids = np.full((10, 6), -1, dtype=np.int32)
     for i, n in enumerate(lengths):
@@ -30,11 +30,13 @@ def tokens():
 
 
 def test_collate_shapes_and_values(split, tokens):
-    batch = MMSADataset(split, tokens, PAD).collate([3, 0, 6])
+    batch = MMSADataset(split, tokens, N_FUSION, FUSION_START).collate([3, 0, 6])
     assert isinstance(batch, Batch) and len(batch) == 3
-    assert batch.input_ids.dtype == torch.int64 and batch.input_ids.shape == (3, 3)  # longest in batch = 3
-    assert batch.input_ids.tolist() == [[31, 32, PAD], [1, 2, 3], [61, PAD, PAD]]
-    assert batch.text_lengths.tolist() == [2, 3, 1] and batch.text_lengths.dtype == torch.int64
+    assert batch.text_ids.dtype == torch.int64 and batch.text_ids.tolist() == [31, 32, 1, 2, 3, 61]
+    lay = batch.layout
+    assert lay.text_lengths.tolist() == [2, 3, 1] and lay.text_lengths.dtype == torch.int64
+    assert lay.n_rows == 6 + 3 * N_FUSION and not lay.text_rows.is_cuda  # built on the host
+    assert lay.position_ids[lay.fusion_rows].tolist() == [FUSION_START, FUSION_START + 1] * 3
     assert batch.audio.dtype == torch.float32 and batch.audio.shape == (3, 7, 5)
     assert batch.vision.dtype == torch.float32 and batch.vision.shape == (3, 9, 20)
     assert torch.equal(batch.audio, torch.from_numpy(split.audio[[3, 0, 6]]))
@@ -48,16 +50,17 @@ def test_collate_shapes_and_values(split, tokens):
 def test_missing_lengths_and_to(make_raw, tokens):
     raw = make_raw(n=10)
     del raw["train"]["audio_lengths"], raw["train"]["vision_lengths"]
-    batch = MMSADataset(from_mmsa_dict(raw, "mosi").train, tokens, PAD).collate([1, 2])
+    batch = MMSADataset(from_mmsa_dict(raw, "mosi").train, tokens, N_FUSION, FUSION_START).collate([1, 2])
     assert batch.audio_lengths is None and batch.vision_lengths is None
     moved = batch.to("cpu")
-    assert moved.audio_lengths is None and torch.equal(moved.input_ids, batch.input_ids)
+    assert moved.audio_lengths is None and torch.equal(moved.text_ids, batch.text_ids)
+    assert torch.equal(moved.layout.fusion_rows, batch.layout.fusion_rows)
 
 
 def test_token_count_must_match(split):
     short = TokenizedText(ids=np.ones((3, 2), np.int32), lengths=np.full(3, 2, np.int64))
     with pytest.raises(DataError, match=r"tokens: expected 10 tokenized transcripts like the split, found 3"):
-        MMSADataset(split, short, PAD)
+        MMSADataset(split, short, N_FUSION, FUSION_START)
 
 
 def order(loader):
@@ -65,11 +68,11 @@ def order(loader):
 
 
 def test_loader_order_and_determinism(split, tokens):
-    plain = make_loader(split, tokens, PAD, batch_size=4, shuffle=False)
+    plain = make_loader(split, tokens, N_FUSION, FUSION_START, batch_size=4, shuffle=False)
     assert order(plain) == list(range(10)) and [len(b) for b in plain] == [4, 4, 2]
-    a = make_loader(split, tokens, PAD, batch_size=4, shuffle=True, seed=7)
-    b = make_loader(split, tokens, PAD, batch_size=4, shuffle=True, seed=7)
-    c = make_loader(split, tokens, PAD, batch_size=4, shuffle=True, seed=8)
+    a = make_loader(split, tokens, N_FUSION, FUSION_START, batch_size=4, shuffle=True, seed=7)
+    b = make_loader(split, tokens, N_FUSION, FUSION_START, batch_size=4, shuffle=True, seed=7)
+    c = make_loader(split, tokens, N_FUSION, FUSION_START, batch_size=4, shuffle=True, seed=8)
     first = order(a)
     assert sorted(first) == list(range(10)) and first == order(b) and first != order(c)
     assert order(a) == first  # the order depends only on (seed, epoch) ...
@@ -77,7 +80,7 @@ def test_loader_order_and_determinism(split, tokens):
     b.sampler.set_epoch(1)
     second = order(a)
     assert second != first and second == order(b)  # ... so a resumed run replays it exactly
-    shards = [make_loader(split, tokens, PAD, 4, True, seed=7, rank=r, world_size=3) for r in range(3)]
+    shards = [make_loader(split, tokens, N_FUSION, FUSION_START, 4, True, seed=7, rank=r, world_size=3) for r in range(3)]
     parts = [order(s) for s in shards]
     assert all(len(p) == 4 for p in parts) and set().union(*parts) == set(range(10))
-    assert [len(x) for x in make_loader(split, tokens, PAD, 4, True, seed=1, drop_last=True)] == [4, 4]
+    assert [len(x) for x in make_loader(split, tokens, N_FUSION, FUSION_START, 4, True, seed=1, drop_last=True)] == [4, 4]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepmlf_fast.data.tokenize import pad_token_id, tokenize_texts
+from deepmlf_fast.backbones.load import pad_token_id
+from deepmlf_fast.data.tokenize import tokenize_texts
 from deepmlf_fast.errors import ConfigError, DataError
 
 LONG = " ".join(["the film is good"] * 20)
 
 
 def test_gpt2_ids_lengths_padding(gpt2_tokenizer):
-    tok = tokenize_texts(["Hello world", "Hello", "Hello world Hello world"], gpt2_tokenizer, 50, "train")
+    tok = tokenize_texts(["Hello world", "Hello", "Hello world Hello world"], gpt2_tokenizer, 50, "train",
+                         pad_token_id(gpt2_tokenizer))
     assert tok.ids.dtype == np.int32 and tok.lengths.dtype == np.int64
     assert tok.ids.shape == (3, 4)  # padded to the longest found, not to 50
     assert tok.lengths.tolist() == [2, 1, 4]
@@ -22,41 +24,28 @@ def test_gpt2_ids_lengths_padding(gpt2_tokenizer):
 
 def test_gpt2_truncation_matches_official_call(gpt2_tokenizer):
     texts = [LONG, "Hello world", "a b"]
-    tok = tokenize_texts(texts, gpt2_tokenizer, 50, "test")
+    tok = tokenize_texts(texts, gpt2_tokenizer, 50, "test", pad_token_id(gpt2_tokenizer))
     assert tok.lengths.tolist() == [50, 2, 2] and tok.ids.shape == (3, 50)
     full = gpt2_tokenizer(LONG)["input_ids"]
     assert len(full) == 80 and tok.ids[0].tolist() == full[:50]  # right truncation, no special tokens
     # The official trainer's per-batch call (pad := eos, padding to exactly L) gives the same ids.
-    gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
-    try:
-        official = gpt2_tokenizer(texts, padding="max_length", truncation=True, max_length=50, return_tensors="np")
-    finally:
-        gpt2_tokenizer.pad_token = None
+    official = gpt2_tokenizer(texts, padding="max_length", truncation=True, max_length=50, return_tensors="np")
     assert np.array_equal(official["input_ids"], tok.ids)
     assert official["attention_mask"].sum(1).tolist() == tok.lengths.tolist()
 
 
 def test_bert_special_tokens_pad_zero(bert_tokenizer):
-    tok = tokenize_texts(["the film is good", "bad", "the film is very very bad ."], bert_tokenizer, 6, "valid")
     assert pad_token_id(bert_tokenizer) == 0
+    tok = tokenize_texts(["the film is good", "bad", "the film is very very bad ."], bert_tokenizer, 6, "valid", 0)
     assert tok.lengths.tolist() == [6, 3, 6]
     assert tok.ids.tolist() == [[2, 5, 6, 7, 8, 3], [2, 9, 3, 0, 0, 0], [2, 5, 6, 7, 10, 3]]  # [SEP] kept at L
 
 
 def test_zero_token_transcript_names_split_and_index(gpt2_tokenizer):
     with pytest.raises(DataError, match=r"\[valid\] raw_text\[1\]: expected at least one token, found 0 for ''"):
-        tokenize_texts(["Hello", "", "world"], gpt2_tokenizer, 50, "valid")
+        tokenize_texts(["Hello", "", "world"], gpt2_tokenizer, 50, "valid", 0)
 
 
 def test_bad_max_tokens(gpt2_tokenizer):
     with pytest.raises(ConfigError, match="max_tokens: expected >= 1, found 0"):
-        tokenize_texts(["Hello"], gpt2_tokenizer, 0, "train")
-
-
-def test_tokenizer_without_pad_or_eos():
-    class NoSpecials:
-        pad_token_id = eos_token_id = None
-        name_or_path = "bare"
-
-    with pytest.raises(DataError, match="tokenizer 'bare': expected a pad or eos token, found neither"):
-        pad_token_id(NoSpecials())
+        tokenize_texts(["Hello"], gpt2_tokenizer, 0, "train", 0)

@@ -73,7 +73,7 @@ def test_length_masks_make_padding_irrelevant():
 def test_pretrain_model_shapes_and_grad():
     cfg = AVEncoderConfig(max_len=10)
     model = AVPretrainModel(cfg, "strided", out_len=6).train()
-    pred = model(torch.randn(3, 25, 5), torch.randn(3, 40, 20))
+    pred = model(torch.randn(3, 25, 5), torch.randn(3, 40, 20))["pred"]
     assert pred.shape == (3,)
     pred.sum().backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -5,24 +5,37 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from deepmlf_fast.backbones.arch import get_path
-from deepmlf_fast.ops.cross_attention import gate_value, gated_cross_attention_reference
+from deepmlf_fast.data.packing import PackedLayout
+from deepmlf_fast.ops.cross_attention import gated_cross_attention_reference
+from deepmlf_fast.ops.gate import gate_value
+
+from deepmlf_fast.errors import CheckpointError
+from deepmlf_fast.ops.linear_cross_entropy import linear_cross_entropy
 
 from helpers import make_batch, make_model
 
 
-def padded_reference(model, input_ids, text_lengths, audio, vision):
+def _clm(out):
+    """The causal-LM cross-entropy of a forward's `clm` inputs."""
+    clm = out["clm"]
+    return linear_cross_entropy(clm.hidden, clm.weight, clm.targets)
+
+
+def padded_reference(model, text_ids, layout, audio, vision):
     """The official computation, written independently of the packed path: text padded to
     L, fusion tokens at positions L..L+n-1, one dense causal + key-padding mask, eager
     attention, MM blocks on the last n positions."""
     cfg, spec = model.cfg, model.spec
     L, n = cfg.text.max_tokens, cfg.fusion.n_tokens
     base = get_path(model.lm, spec.base)
-    bsz = input_ids.shape[0]
-    ids = F.pad(input_ids, (0, L - input_ids.shape[1]), value=model.pad_id)
-    h = torch.cat([get_path(base, spec.embed_tokens)(ids), model.fusion_tokens.expand(bsz, n, -1)], dim=1)
+    text_lengths = layout.text_lengths
+    bsz = text_lengths.shape[0]
+    ids = torch.full((bsz, L), model.pad_id, dtype=torch.long)
+    for b, row in enumerate(text_ids.split(text_lengths.tolist())):
+        ids[b, : len(row)] = row
+    h = torch.cat([get_path(base, spec.embed_tokens)(ids), model.fusion_tokens.weight.expand(bsz, n, -1)], dim=1)
     pos = torch.arange(L + n)
     if spec.position_table:
         h = h + get_path(base, spec.position_table)(pos)
@@ -35,18 +48,18 @@ def padded_reference(model, input_ids, text_lengths, audio, vision):
     av, _ = model.encode_av(audio, vision)
     model.lm.set_attn_implementation("eager")
     try:
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.runner.layers):
             h = layer(h, attention_mask=mask, **kw)
             h = h[0] if isinstance(h, tuple) else h
             if str(i) in model.mm_blocks:
-                blk = model.mm_blocks[str(i)]
+                xa, ffn = model.mm_blocks[str(i)].xattn, model.mm_blocks[str(i)].ffn
                 hf = gated_cross_attention_reference(
-                    h[:, L:], av, blk.ln_1.weight, getattr(blk.ln_1, "bias", None), blk.q_proj.weight,
-                    blk.kv_proj.weight, blk.o_proj.weight, blk.alpha_attn, n_heads=blk.n_heads,
-                    norm=blk.norm_kind, norm_eps=blk.ln_1.eps, scale=blk.scale,
+                    h[:, L:], av, xa.norm.weight, getattr(xa.norm, "bias", None), xa.q_proj.weight,
+                    xa.kv_proj.weight, xa.o_proj.weight, xa.gate.alpha, n_heads=xa.n_heads,
+                    norm=xa.norm_kind, norm_eps=xa.norm.eps, scale=xa.scale, gate=xa.gate.kind,
                 )
                 h = torch.cat([h[:, :L], hf], dim=1)
-                h = h + gate_value(blk.alpha_ffn, blk.gate) * blk.ffn(blk.ln_2(h))
+                h = h + gate_value(ffn.gate.alpha, ffn.gate.kind) * ffn.mlp(ffn.norm(h))
     finally:
         model.lm.set_attn_implementation("deepmlf")
     hn = get_path(base, spec.final_norm)(h)
@@ -66,25 +79,25 @@ def test_packed_model_matches_padded_official_layout(backbone, parity):
         torch.testing.assert_close(ours[key], ref[key], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("combine", [True, False])
-def test_text_states_bit_identical_whatever_the_av(backbone, combine):
-    model, tok = make_model(backbone, combine=combine)
+@pytest.mark.parametrize("ffn_all_rows", [True, False])
+def test_text_states_bit_identical_whatever_the_av(backbone, ffn_all_rows):
+    model, tok = make_model(backbone, ffn_all_rows=ffn_all_rows)
     model.eval()
     a = make_batch(tok, seed=1)
     b = dict(a, audio=a["audio"] * 3 + 1, vision=torch.randn_like(a["vision"]))
     with torch.no_grad():
         oa, ob = model(**a, return_hidden=True), model(**b, return_hidden=True)
-    rows = oa["layout"].text_rows
+    rows = a["layout"].text_rows
     assert torch.equal(oa["hidden"][rows], ob["hidden"][rows])
     assert torch.equal(oa["pred_text"], ob["pred_text"])
-    assert not torch.equal(oa["hidden"][oa["layout"].fusion_rows], ob["hidden"][ob["layout"].fusion_rows])
+    assert not torch.equal(oa["hidden"][a["layout"].fusion_rows], ob["hidden"][a["layout"].fusion_rows])
 
 
 def test_gradients_reach_every_trained_part_and_nothing_frozen(backbone):
     model, tok = make_model(backbone)
     model.train()
     out = model(**make_batch(tok))
-    loss = out["pred"].sum() + out["pred_fusion"].sum() + out["pred_text"].sum() + out["pred_av"].sum() + out["clm_loss"]
+    loss = out["pred"].sum() + out["pred_fusion"].sum() + out["pred_text"].sum() + out["pred_av"].sum() + _clm(out)
     loss.backward()
     for name, p in model.named_parameters():
         if name.startswith("lm."):
@@ -97,9 +110,9 @@ def test_gradients_reach_every_trained_part_and_nothing_frozen(backbone):
         assert grads and sum(grads) > 0, prefix
 
 
-@pytest.mark.parametrize("combine", [True, False])
-def test_no_grad_text_prefix_is_exact(backbone, combine):
-    model, tok = make_model(backbone, combine=combine, mm_layers=(2, 3))
+@pytest.mark.parametrize("ffn_all_rows", [True, False])
+def test_no_grad_text_prefix_is_exact(backbone, ffn_all_rows):
+    model, tok = make_model(backbone, ffn_all_rows=ffn_all_rows, mm_layers=(2, 3))
     model.eval()  # no dropout, so both paths see identical computations
     batch = make_batch(tok)
     results = []
@@ -107,7 +120,7 @@ def test_no_grad_text_prefix_is_exact(backbone, combine):
         model.cfg.text_prefix_no_grad = split
         model.zero_grad()
         out = model(**batch, clm=True)
-        (out["pred"].sum() + out["pred_fusion"].sum() + out["clm_loss"]).backward()
+        (out["pred"].sum() + out["pred_fusion"].sum() + _clm(out)).backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (o1, g1), (o2, g2) = results
     torch.testing.assert_close(o1["pred"], o2["pred"], atol=1e-5, rtol=1e-5)
@@ -119,8 +132,8 @@ def test_no_grad_text_prefix_is_exact(backbone, combine):
 def test_clm_targets_follow_the_official_rule():
     model, _ = make_model("tiny-gpt2")
     L, pad = model.cfg.text.max_tokens, model.pad_id
-    ids = torch.tensor([[5, 6, 7] + [pad] * (L - 3), list(range(10, 10 + L))])
-    targets = model._clm_targets(ids, torch.tensor([3, L]))
+    ids = torch.tensor([5, 6, 7] + list(range(10, 10 + L)))
+    targets = model.clm_targets(ids, PackedLayout.build(torch.tensor([3, L]), 4, L))
     # short transcript: next tokens, then its last token predicts the pad token;
     # a transcript filling all L positions ends with the official id-0 artefact.
     assert targets.tolist() == [6, 7, pad] + list(range(11, 10 + L)) + [0]
@@ -140,11 +153,11 @@ def test_trained_state_dict_excludes_backbone_and_round_trips():
     assert state and not any(k.startswith("lm.") for k in state)
     assert "heads.task_norm.running_mean" in state
     other, _ = make_model("tiny-gpt2", seed=4)
-    assert not torch.equal(other.fusion_tokens, model.fusion_tokens)
+    assert not torch.equal(other.fusion_tokens.weight, model.fusion_tokens.weight)
     other.load_trained_state_dict(state)
-    assert torch.equal(other.fusion_tokens, model.fusion_tokens)
-    with pytest.raises(KeyError, match="missing"):
-        other.load_trained_state_dict({k: v for k, v in state.items() if k != "fusion_tokens"})
+    assert torch.equal(other.fusion_tokens.weight, model.fusion_tokens.weight)
+    with pytest.raises(CheckpointError, match="missing"):
+        other.load_trained_state_dict({k: v for k, v in state.items() if k != "fusion_tokens.weight"})
 
 
 def test_recomputed_lm_blocks_give_the_same_gradients(backbone):
@@ -157,7 +170,7 @@ def test_recomputed_lm_blocks_give_the_same_gradients(backbone):
         model.zero_grad()
         torch.manual_seed(0)  # same dropout draws; checkpointing replays the RNG state
         out = model(**batch, clm=True)
-        (out["pred"].sum() + out["pred_fusion"].sum() + out["clm_loss"]).backward()
+        (out["pred"].sum() + out["pred_fusion"].sum() + _clm(out)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:

@@ -21,47 +21,48 @@ from helpers import load_tiny, make_batch, make_model
 def test_mm_block_at_init_equals_direct_formula(gate):
     torch.manual_seed(0)
     dim, heads, dkv, n, bsz, lav = 32, 4, 30, 3, 2, 5
-    cfg = FusionConfig(n_heads=heads, gate=gate, gate_init=0.3, ffn_gate_init=-0.2, dropout=0.0, combine=True)
+    cfg = FusionConfig(n_heads=heads, gate=gate, gate_init=0.3, ffn_gate_init=-0.2, dropout=0.0, ffn_all_rows=True)
     block = MMBlock(dim, dkv, cfg, MLP(dim, 64, nn.GELU()), "layernorm", 1e-5, 1 / math.sqrt(dim // heads), 0.0)
     block.eval()
     hidden = torch.randn(11, dim)
     fusion_rows = torch.tensor([3, 4, 5, 8, 9, 10])
     av = torch.randn(bsz, lav, dkv)
-    out = block(hidden, fusion_rows, n, av, None)
+    out = block(hidden, fusion_rows, av, None)
 
     act = torch.sigmoid if gate == "sigmoid" else torch.tanh
     g1, g2 = act(torch.tensor(0.3)), act(torch.tensor(-0.2))
     x = hidden[fusion_rows].view(bsz, n, dim)
-    xn = F.layer_norm(x, (dim,), block.ln_1.weight, block.ln_1.bias, 1e-5)
-    wk, wv = block.kv_proj.weight[:dim], block.kv_proj.weight[dim:]
+    xa, ffn = block.xattn, block.ffn
+    xn = F.layer_norm(x, (dim,), xa.norm.weight, xa.norm.bias, 1e-5)
+    wk, wv = xa.kv_proj.weight[:dim], xa.kv_proj.weight[dim:]
     y = torch.zeros(bsz, n, dim)
     for b in range(bsz):
-        q, k, v = xn[b] @ block.q_proj.weight.t(), av[b] @ wk.t(), av[b] @ wv.t()
+        q, k, v = xn[b] @ xa.q_proj.weight.t(), av[b] @ wk.t(), av[b] @ wv.t()
         heads_out = []
         for h in range(heads):
             s = slice(h * 8, (h + 1) * 8)
             p = torch.softmax(q[:, s] @ k[:, s].t() / math.sqrt(8), dim=-1)
             heads_out.append(p @ v[:, s])
-        y[b] = torch.cat(heads_out, dim=-1) @ block.o_proj.weight.t()
+        y[b] = torch.cat(heads_out, dim=-1) @ xa.o_proj.weight.t()
     expected = hidden.clone()
     expected[fusion_rows] = (x + g1 * y).view(-1, dim)
-    expected = expected + g2 * block.ffn(F.layer_norm(expected, (dim,), block.ln_2.weight, block.ln_2.bias, 1e-5))
+    expected = expected + g2 * ffn.mlp(F.layer_norm(expected, (dim,), ffn.norm.weight, ffn.norm.bias, 1e-5))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fusion_only_ffn_leaves_text_rows_untouched():
     torch.manual_seed(0)
-    block = MMBlock(32, 30, FusionConfig(n_heads=4, combine=False, dropout=0.0), MLP(32, 64, nn.GELU()),
+    block = MMBlock(32, 30, FusionConfig(n_heads=4, ffn_all_rows=False, dropout=0.0), MLP(32, 64, nn.GELU()),
                     "rmsnorm", 1e-6, 0.25, 0.0)
     hidden = torch.randn(7, 32)
     rows = torch.tensor([5, 6])
-    out = block(hidden, rows, 2, torch.randn(1, 4, 30), None)
+    out = block(hidden, rows, torch.randn(1, 4, 30), None)
     keep = torch.tensor([0, 1, 2, 3, 4])
     assert torch.equal(out[keep], hidden[keep]) and not torch.equal(out[rows], hidden[rows])
 
 
 def test_gpt2_ffn_copy_corrected_reproduces_the_lm_mlp():
-    lm, _, spec = load_tiny("tiny-gpt2")
+    lm, spec = load_tiny("tiny-gpt2").lm, load_tiny("tiny-gpt2").spec
     block = get_path(lm, spec.base).h[1]
     x = torch.randn(6, lm.config.hidden_size)
     lm.eval()
@@ -74,7 +75,7 @@ def test_gpt2_ffn_copy_corrected_reproduces_the_lm_mlp():
 
 
 def test_llama_ffn_copy_is_swiglu_and_official_is_additive():
-    lm, _, spec = load_tiny("tiny-llama")
+    lm, spec = load_tiny("tiny-llama").lm, load_tiny("tiny-llama").spec
     block = get_path(lm, spec.base).layers[2]
     x = torch.randn(5, lm.config.hidden_size)
     ffn = ffn_from_block(block, spec, lm.config, parity_flags("corrected"))
@@ -85,17 +86,17 @@ def test_llama_ffn_copy_is_swiglu_and_official_is_additive():
 
 
 def test_lora_trains_only_adapters_and_starts_at_the_copy():
-    lm, _, spec = load_tiny("tiny-llama")
+    lm, spec = load_tiny("tiny-llama").lm, load_tiny("tiny-llama").spec
     lora, _ = make_model("tiny-llama", lora_rank=4, lora_alpha=8.0)
-    trainable = {n for n, p in lora.mm_blocks.named_parameters() if p.requires_grad and ".ffn." in f".{n}"}
+    trainable = {n for n, p in lora.mm_blocks.named_parameters() if p.requires_grad and ".mlp." in f".{n}"}
     assert trainable and all("lora_" in n for n in trainable)
-    frozen_ffn = [p for n, p in lora.mm_blocks.named_parameters() if ".ffn." in f".{n}" and "lora_" not in n]
+    frozen_ffn = [p for n, p in lora.mm_blocks.named_parameters() if ".mlp." in f".{n}" and "lora_" not in n]
     assert frozen_ffn and not any(p.requires_grad for p in frozen_ffn)
     block = get_path(lm, spec.base).layers[3]
     x = torch.randn(4, lm.config.hidden_size)
     lora.eval()
     with torch.no_grad():  # LoRA's B starts at zero, so the adapted FFN is the copied one
-        torch.testing.assert_close(lora.mm_blocks["3"].ffn(x), block.mlp(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lora.mm_blocks["3"].ffn.mlp(x), block.mlp(x), atol=1e-6, rtol=1e-6)
 
 
 def test_parity_modes_differ_in_every_listed_flag_and_nothing_else():

@@ -125,18 +125,19 @@ def train_stage(tmp: Path, data: Path, ds_config: Path) -> None:
     an uninterrupted 2-epoch run (B) and a run stopped after epoch 1 and resumed (A)."""
     from deepmlf_fast.train import distributed
     from deepmlf_fast.train.checkpoint import save_weights
+    from deepmlf_fast.train.engine import make_engine
     from deepmlf_fast.train.loop import train_epoch
-    from deepmlf_fast.train.run import Session, build_engine, train_run
+    from deepmlf_fast.train.run import Session, train_run
 
     cfg = run_config(tmp / "parity", data, ds_config, noise=False, pretrain=False)
     session = Session(cfg, torch.device("cpu"))
     model = session.new_model(SEED)
     loader = session.loader("train", MICRO, True, SEED)
     assert len(loader) == BATCHES
-    engine = build_engine(model, cfg, len(loader), tmp / "parity")
+    engine = make_engine("deepmlf", model, session.cfg, len(loader), tmp / "parity")
     net = engine.wrap(model)
     _check_placement(engine, model)
-    losses = [distributed.average_values(train_epoch(net, engine, loader, cfg, session.device, e))["total"]
+    losses = [distributed.average_values(train_epoch(net, engine, loader, cfg, session.train_ctx, e))["total"]
               for e in range(2)]
     state = engine.model_state(model)
     if distributed.is_main():
@@ -154,14 +155,14 @@ def train_stage(tmp: Path, data: Path, ds_config: Path) -> None:
 
 def train_quantized(tmp: Path, data: Path, ds_config: Path, bits: int) -> None:
     """One epoch under the given config with an 8-bit or 4-bit backbone."""
-    from deepmlf_fast.train import distributed
-    from deepmlf_fast.train.run import Session, build_engine, train_run
+    from deepmlf_fast.train.engine import make_engine
+    from deepmlf_fast.train.run import Session, train_run
 
     quant = {"load_in_8bit": True} if bits == 8 else {"load_in_4bit": True}
     cfg = run_config(tmp / "q", data, ds_config, epochs=1, pretrain=False, **quant)
     session = Session(cfg, torch.device("cpu"))
     model = session.new_model(SEED)
-    engine = build_engine(model, cfg, BATCHES, tmp / "q_engine")
+    engine = make_engine("deepmlf", model, session.cfg, BATCHES, tmp / "q_engine")
     _check_placement(engine, model)
     kinds = {type(m).__name__ for m in model.lm.modules()}
     assert ("Linear8bitLt" if bits == 8 else "Linear4bit") in kinds, kinds
@@ -174,5 +175,5 @@ def _check_placement(engine, model) -> None:
     assert not any(n.startswith("lm.") for n, _ in engine.ds.module.named_parameters())
     assert not any(hasattr(p, "ds_id") for p in model.lm.parameters())
     if engine.stage == 3:
-        w = model.mm_blocks["1"].ffn.up_proj.weight
+        w = model.mm_blocks["1"].ffn.mlp.up_proj.weight
         assert w.ds_tensor.numel() < w.ds_numel, (w.ds_tensor.numel(), w.ds_numel)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepmlf_fast.config import RunConfig
+from deepmlf_fast.config import Resolved, RunConfig
 from deepmlf_fast.errors import ConfigError
 from deepmlf_fast.train.deepspeed_config import check_parity_supported, resolve_deepspeed_config
 
@@ -26,9 +26,11 @@ from ds_worker import ACCUM, BATCHES, MICRO, SEED, WORLD, run_config
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "deepspeed").glob("*.json"))
 
 
-def _cfg(tmp_path, **train) -> RunConfig:
+def _cfg(tmp_path, precision: str = "fp32", **train) -> RunConfig:
+    """A run whose precision the hardware policy resolved to `precision`."""
     cfg = run_config(tmp_path / "run", tmp_path / "data.pkl", "x.json")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
+                               resolved=Resolved(precision=precision, precision_reason="test"))
 
 
 # -- config resolution ---------------------------------------------------------------------------
@@ -87,15 +89,29 @@ def test_official_parity_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_resolve_for_their_precision_only(path, tmp_path):
+def test_shipped_configs_serve_every_precision(path, tmp_path):
+    """One config per ZeRO stage and offload setting: precision comes from the run's policy."""
     raw = json.loads(path.read_text())
-    bf16 = path.stem.endswith("_bf16")
-    right, wrong = ("bf16", "fp32") if bf16 else ("fp32", "bf16")
-    out = resolve_deepspeed_config(raw, _cfg(tmp_path, precision=right), world_size=8)
-    assert out["zero_optimization"]["stage"] == int(path.stem[4])
-    assert ("offload_optimizer" in out["zero_optimization"]) == ("offload" in path.stem)
-    with pytest.raises(ConfigError, match="torch_autocast.enabled"):
-        resolve_deepspeed_config(raw, _cfg(tmp_path, precision=wrong), world_size=8)
+    assert raw["torch_autocast"] == {"enabled": "auto", "dtype": "auto"}
+    for precision, autocast in (("fp32", {"enabled": False}), ("bf16", {"enabled": True, "dtype": "bfloat16"})):
+        out = resolve_deepspeed_config(raw, _cfg(tmp_path, precision=precision), world_size=8)
+        assert out["torch_autocast"] == autocast
+        assert out["zero_optimization"]["stage"] == int(path.stem[4])
+        assert ("offload_optimizer" in out["zero_optimization"]) == ("offload" in path.stem)
+
+
+def test_bf16_recipe_runs_with_a_shipped_config(tmp_path):
+    """The MOSI recipe is bf16 and zero2.json says "auto": no contradiction, on any device."""
+    from deepmlf_fast.hardware import DeviceFacts, resolve_precision
+    from deepmlf_fast.presets import recipe
+
+    cfg = recipe("mosi-smollm2-1.7b")
+    raw = json.loads((CONFIGS[0].parent / "zero2.json").read_text())
+    for native in (True, False):
+        facts = DeviceFacts("cuda:0" if native else "cpu", "test", native, "test", "AVX2")
+        p = resolve_precision(cfg.train.precision, cfg.train.recipe_precision, facts)
+        run = dataclasses.replace(cfg, resolved=Resolved(precision=p.name, precision_reason=p.reason))
+        assert resolve_deepspeed_config(raw, run, world_size=1)["torch_autocast"]["enabled"] is native
 
 
 # -- two ranks on CPU ------------------------------------------------------------------------------
@@ -114,26 +130,26 @@ def _reference_weights(tmp_path: Path, data: Path) -> dict[str, torch.Tensor]:
     """Single process, PlainEngine: rank 0's and rank 1's k-th micro-batches in turn,
     accumulated in groups of WORLD * ACCUM, like DeepSpeed's global batch."""
     from deepmlf_fast.data import make_loader
-    from deepmlf_fast.model.losses import deepmlf_loss
-    from deepmlf_fast.train.evaluate import model_inputs
-    from deepmlf_fast.train.run import Session, build_engine
+    from deepmlf_fast.train.engine import make_engine
+    from deepmlf_fast.train.run import Session
+    from deepmlf_fast.train.step import forward_step
 
     cfg = run_config(tmp_path / "ref", data, noise=False, pretrain=False)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=WORLD * ACCUM))
     session = Session(cfg, torch.device("cpu"))
     model = session.new_model(SEED)
     split, tokens = session.data.split("train"), session.tokens["train"]
-    loaders = [make_loader(split, tokens, session.pad_id, MICRO, True, seed=SEED, rank=r, world_size=WORLD)
-               for r in range(WORLD)]
-    engine = build_engine(model, cfg, WORLD * BATCHES)
+    m = session.cfg.model
+    loaders = [make_loader(split, tokens, m.fusion.n_tokens, m.text.max_tokens, MICRO, True, seed=SEED, rank=r,
+                           world_size=WORLD) for r in range(WORLD)]
+    engine = make_engine("deepmlf", model, session.cfg, WORLD * BATCHES)
     for epoch in range(2):
         model.train()
         for loader in loaders:
             loader.sampler.set_epoch(epoch)
         for batches in zip(*loaders):
             for batch in batches:
-                loss, _ = deepmlf_loss(model(**model_inputs(batch)), batch.labels, cfg.model.loss)
-                engine.backward(loss)
+                engine.backward(forward_step(model, batch, session.train_ctx).loss)
                 engine.maybe_step()
         engine.end_epoch()
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -26,10 +26,11 @@ def test_param_groups_corrected_exempt_norms_gates_tokens():
     groups = _group_names(model, "corrected")
     mm_no_decay, wd = groups["mm_no_decay"]
     assert wd == 0.0 and groups["av_decay"][1] == 0.2 and groups["mm_decay"][1] == 0.1
-    for name in ("fusion_tokens", "mm_blocks.1.alpha_attn", "mm_blocks.1.ln_1.weight", "heads.task_norm.weight",
-                 "av_norm.weight", "mm_blocks.1.ffn.fc_in.bias"):
+    for name in ("fusion_tokens.weight", "mm_blocks.1.xattn.gate.alpha", "mm_blocks.1.xattn.norm.weight",
+                 "heads.task_norm.weight", "av_norm.weight", "mm_blocks.1.ffn.mlp.fc_in.bias",
+                 "mm_blocks.1.ffn.gate.alpha"):
         assert name in mm_no_decay, name
-    assert "mm_blocks.1.q_proj.weight" in groups["mm_decay"][0]
+    assert "mm_blocks.1.xattn.q_proj.weight" in groups["mm_decay"][0]
     assert "av_encoder.audio.encoder.layers.0.norm1.weight" in groups["av_no_decay"][0]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set().union(*(g[0] for g in groups.values())) == trained
@@ -39,7 +40,7 @@ def test_param_groups_official_exempt_only_biases():
     model, _ = make_model("tiny-gpt2")
     groups = _group_names(model, "official")
     assert all("bias" in n for n in groups["mm_no_decay"][0] | groups["av_no_decay"][0])
-    assert {"fusion_tokens", "mm_blocks.1.alpha_attn", "mm_blocks.1.ln_1.weight"} <= groups["mm_decay"][0]
+    assert {"fusion_tokens.weight", "mm_blocks.1.xattn.gate.alpha", "mm_blocks.1.xattn.norm.weight"} <= groups["mm_decay"][0]
 
 
 def test_warmup_cosine_schedule_values():

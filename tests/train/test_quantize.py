@@ -27,8 +27,9 @@ def _logits(model, tok):
 
 @pytest.mark.parametrize("bits,tol", [(8, 0.05), (4, 0.5)])
 def test_random_init_quantizes_decoder_linears_like_transformers(bits, tol):
-    dense, tok, _ = load_backbone("tiny-llama", random_init=True)
-    quant, _, _ = load_backbone("tiny-llama", random_init=True, **QUANT[bits][1])
+    dense_bb = load_backbone("tiny-llama", random_init=True)
+    dense, tok = dense_bb.lm, dense_bb.tokenizer
+    quant = load_backbone("tiny-llama", random_init=True, **QUANT[bits][1]).lm
     layer = quant.model.layers[0]
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         assert type(layer.get_submodule(name)).__name__ == QUANT[bits][0], name
@@ -39,9 +40,9 @@ def test_random_init_quantizes_decoder_linears_like_transformers(bits, tol):
 
 
 def test_gpt2_conv1d_layers_are_transposed_into_linear8bit():
-    dense, tok, _ = load_backbone("tiny-gpt2", random_init=True)
+    dense = load_backbone("tiny-gpt2", random_init=True).lm
     conv = dense.transformer.h[0].attn.c_attn
-    quant = quantize_linear_layers(load_backbone("tiny-gpt2", random_init=True)[0],
+    quant = quantize_linear_layers(load_backbone("tiny-gpt2", random_init=True).lm,
                                    BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["c_proj"]))
     lin = quant.transformer.h[0].attn.c_attn
     assert type(lin).__name__ == "Linear8bitLt" and lin.weight.shape == conv.weight.t().shape
@@ -55,7 +56,8 @@ def test_gpt2_conv1d_layers_are_transposed_into_linear8bit():
 def test_quantized_checkpoint_backbone_initialises_and_trains_deepmlf(bits):
     """transformers' BitsAndBytesConfig path on CPU: MM FFNs start as the dequantized
     weights, a training step moves the trained parameters and leaves the backbone alone."""
-    lm, tok, spec = load_backbone("tiny-llama", **QUANT[bits][1])
+    bb = load_backbone("tiny-llama", **QUANT[bits][1])
+    lm, tok = bb.lm, bb.tokenizer
     src = lm.model.layers[1].mlp.up_proj
     assert type(src).__name__ == QUANT[bits][0]
     if bits == 8:
@@ -64,8 +66,8 @@ def test_quantized_checkpoint_backbone_initialises_and_trains_deepmlf(bits):
         want = bnbf.dequantize_4bit(src.weight.data, src.weight.quant_state)
     frozen = src.weight.data.view(torch.uint8).clone()  # packed 4-bit storage may hold NaN bit patterns
 
-    model = DeepMLF(tiny_model_config("tiny-llama"), lm, spec, tok.pad_token_id)
-    torch.testing.assert_close(model.mm_blocks["1"].ffn.up_proj.weight.detach(), want.float(), atol=1e-6, rtol=0)
+    model = DeepMLF(tiny_model_config("tiny-llama"), lm, bb.spec, bb.pad_id)
+    torch.testing.assert_close(model.mm_blocks["1"].ffn.mlp.up_proj.weight.detach(), want.float(), atol=1e-6, rtol=0)
 
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -77,5 +79,5 @@ def test_quantized_checkpoint_backbone_initialises_and_trains_deepmlf(bits):
     assert torch.isfinite(loss)
     assert all(p.grad is None for p in lm.parameters())
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])]
-    assert any(n.startswith("mm_blocks.1.ffn.") for n in moved) and "fusion_tokens" in moved
+    assert any(n.startswith("mm_blocks.1.ffn.") for n in moved) and "fusion_tokens.weight" in moved
     assert torch.equal(src.weight.data.view(torch.uint8), frozen)

@@ -1,6 +1,6 @@
 import torch
 
-from deepmlf_fast.model.packing import PackedLayout
+from deepmlf_fast.data.packing import PackedLayout
 
 
 def test_layout_rows_and_positions():

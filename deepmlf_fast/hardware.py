@@ -1,0 +1,268 @@
+"""The one place that decides, per device, how a run computes: precision, TF32, attention backend.
+
+Precision means two things decided together: the dtype the frozen backbone's weights are
+stored in and the autocast dtype of the forward pass. Both are bf16 or both are fp32.
+
+* `--precision auto` (the default) uses the recipe's precision (`TrainConfig.recipe_precision`:
+  bf16 for the SmolLM2 recipes, fp32 for the GPT-2 ones, as released) where the hardware runs
+  bf16 natively, and fp32 elsewhere. Native bf16: CUDA with compute capability >= 8.0, or a
+  CPU with AVX512_BF16 or AMX-BF16 that PyTorch's oneDNN is allowed to use. On an AVX2-only
+  CPU a bf16 matmul is ~40x slower than fp32, so `auto` never picks it there.
+* `--precision bf16` / `fp32` force a choice; bf16 where it is not native still runs, with
+  one warning that says why it will be slow.
+* TF32 (`--tf32`, off by default like the official code and PyTorch): fp32 matrix products on
+  tensor cores (10-bit mantissa inputs, fp32 accumulation), for cuBLAS and, through the same
+  PyTorch setting, the Triton kernels' fp32 dots. It changes nothing on a CPU.
+
+`resolve_precision` is pure (device facts in, decision out) so tests can mock the hardware;
+`device_facts` reads the real device. `environment_report` is what `deepmlf env` prints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import importlib.metadata
+import logging
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from deepmlf_fast.config import Resolved, RunConfig
+from deepmlf_fast.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 instructions that compute bf16 products natively."""
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the precision policy needs to know about a device."""
+
+    device: str
+    """"cpu", "cuda:0", ..."""
+    name: str
+    """CPU model or GPU name."""
+    native_bf16: bool
+    why: str
+    """One line: why bf16 is (not) native here."""
+    cpu_capability: str
+    """`torch.backends.cpu.get_cpu_capability()` (what ATen's kernels were dispatched to)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved precision of a run; `config.json` records it under `resolved`."""
+
+    name: Literal["fp32", "bf16"]
+    requested: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Backbone weight dtype and autocast dtype."""
+        return DTYPES[self.name]
+
+    @property
+    def autocast(self) -> bool:
+        return self.name == "bf16"
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_native_bf16(flags: set[str] | None, onednn_bf16: bool, capability: str) -> tuple[bool, str]:
+    """Whether bf16 matmuls run natively on this CPU, and why (pure: tests pass fake facts).
+
+    Needs an instruction that multiplies bf16 (`avx512_bf16` or `amx_bf16` among the CPU
+    flags), oneDNN allowed to use it (`ONEDNN_MAX_CPU_ISA` may cap it) and ATen's kernels not
+    capped below AVX512 (`ATEN_CPU_CAPABILITY`). Without /proc/cpuinfo (not Linux), oneDNN's
+    own bf16 check decides.
+    """
+    if flags is None:
+        return onednn_bf16, f"oneDNN reports bf16 {'supported' if onednn_bf16 else 'unsupported'} (no /proc/cpuinfo)"
+    have = sorted(f for f in CPU_BF16_FLAGS if f in flags)
+    if not have:
+        return False, f"CPU has no {' or '.join(CPU_BF16_FLAGS)} (capability {capability}): bf16 matmuls are emulated"
+    if not onednn_bf16 or capability in ("DEFAULT", "NO AVX", "AVX2"):
+        return False, (f"CPU has {', '.join(have)} but PyTorch is capped to {capability} "
+                       f"(ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY): bf16 matmuls are emulated")
+    return True, f"CPU has {', '.join(have)} (capability {capability})"
+
+
+def device_facts(device: torch.device | str) -> DeviceFacts:
+    """Read the facts of `device` (CPU flags, CUDA compute capability)."""
+    device = torch.device(device)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        native = (major, minor) >= (8, 0)
+        why = f"CUDA compute capability {major}.{minor} {'>=' if native else '<'} 8.0"
+        return DeviceFacts(str(device), torch.cuda.get_device_name(device), native, why, capability)
+    if device.type == "cpu":
+        native, why = cpu_native_bf16(_cpu_flags(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), capability)
+        return DeviceFacts("cpu", _cpu_name(), native, why, capability)
+    return DeviceFacts(str(device), device.type, False, f"no bf16 policy for device type {device.type!r}", capability)
+
+
+def resolve_precision(requested: str, recipe_precision: str, facts: DeviceFacts) -> Precision:
+    """The run's precision from the request ('auto', 'fp32', 'bf16'), the recipe's own choice
+    and the device's facts. Warns once when bf16 is forced where it is not native."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"train.precision: expected one of {list(PRECISIONS)}, found {requested!r}")
+    if recipe_precision not in DTYPES:
+        raise ConfigError(f"train.recipe_precision: expected one of {list(DTYPES)}, found {recipe_precision!r}")
+    if requested == "fp32":
+        return Precision("fp32", requested, "requested")
+    if requested == "bf16":
+        if not facts.native_bf16:
+            log.warning("precision bf16 on %s: %s, so this run will be much slower than with --precision fp32 "
+                        "(or auto)", facts.name, facts.why)
+        return Precision("bf16", requested, "requested" + ("" if facts.native_bf16 else f" ({facts.why})"))
+    if recipe_precision == "fp32":
+        return Precision("fp32", requested, "the recipe trains in fp32")
+    if facts.native_bf16:
+        return Precision("bf16", requested, f"the recipe trains in bf16 and bf16 is native: {facts.why}")
+    return Precision("fp32", requested, f"the recipe trains in bf16, but bf16 is not native: {facts.why}")
+
+
+def eval_precision(train: Precision, official_bf16_eval: bool, facts: DeviceFacts) -> Precision:
+    """Precision of evaluation: training's, or the official code's bf16 autocast (parity
+    'official'), which follows the same rule as `auto`: bf16 only where it is native."""
+    if not official_bf16_eval or train.name == "bf16":
+        return train
+    if facts.native_bf16:
+        return Precision("bf16", "official", f"official parity evaluates in bf16: {facts.why}")
+    return Precision("fp32", "official", f"official parity evaluates in bf16, but bf16 is not native: {facts.why}")
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let fp32 matrix products use TF32 tensor cores (cuBLAS, cuDNN and the Triton kernels,
+    which read the same PyTorch setting), or keep them IEEE fp32."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+def attention_backend(requested: str, device: torch.device | str) -> str:
+    """The backend the attention ops will use: 'triton' on CUDA when Triton is installed,
+    else 'reference' (PyTorch); an explicit request is kept."""
+    from deepmlf_fast.ops.dispatch import triton_available
+
+    if requested != "auto":
+        return requested
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "reference"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_run(cfg: RunConfig, device: torch.device) -> Resolved:
+    """Every hardware-dependent decision of a run on `device`, logged and returned for
+    `RunConfig.resolved`; also applies the TF32 setting (a process-wide PyTorch flag)."""
+    facts = device_facts(device)
+    precision = resolve_precision(cfg.train.precision, cfg.train.recipe_precision, facts)
+    evaluation = eval_precision(precision, cfg.model.flags.eval_precision == "bf16", facts)
+    if cfg.train.tf32 and device.type != "cuda":
+        log.info("--tf32 has no effect on %s", device)
+    set_tf32(cfg.train.tf32)
+    backend = attention_backend(cfg.train.backend, device)
+    log.info("device %s (%s) | precision %s: %s | evaluation %s | attention %s%s", device, facts.name,
+             precision.name, precision.reason, evaluation.name, backend, " | TF32 on" if cfg.train.tf32 else "")
+    return Resolved(
+        device=str(device), device_name=facts.name, cpu_capability=facts.cpu_capability,
+        native_bf16=facts.native_bf16, precision=precision.name, precision_reason=precision.reason,
+        eval_precision=evaluation.name, tf32=cfg.train.tf32, attention_backend=backend,
+    )
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _bitsandbytes_backend() -> str:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "not installed"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken install is a fact to report, not a crash
+        return f"import fails: {type(exc).__name__}: {exc}"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment_report(device: str = "auto", recipe_precision: str = "bf16") -> dict:
+    """What a bug report needs and what `auto` will do on this machine (`deepmlf env`)."""
+    from deepmlf_fast.ops.dispatch import triton_available
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    facts = device_facts(dev)
+    auto = resolve_precision("auto", recipe_precision, facts)
+    triton_usable = triton_available() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in
+                     ("deepmlf-fast", "torch", "triton", "transformers", "deepspeed", "bitsandbytes", "peft",
+                      "numpy", "safetensors", "tokenizers")},
+        "torch_cuda": torch.version.cuda or "none",
+        "device": asdict(facts),
+        "triton_usable": triton_usable,
+        "triton_why": ("CUDA device" if dev.type == "cuda" else "TRITON_INTERPRET=1 (interpreter)" if triton_usable
+                       else "no CUDA device: kernels run only on GPUs (or under TRITON_INTERPRET=1 in tests)")
+                      if triton_available() else "triton is not installed",
+        "bitsandbytes_backend": _bitsandbytes_backend(),
+        "auto_precision": {"recipe_bf16": auto.name, "reason": auto.reason, "recipe_fp32": "fp32"},
+        "auto_attention_backend": attention_backend("auto", dev),
+        "tf32_default": "off (--tf32 turns it on for CUDA fp32 runs)",
+    }
+
+
+def format_report(report: dict) -> str:
+    """Plain-text rendering of `environment_report`."""
+    d = report["device"]
+    lines = [f"deepmlf-fast {report['versions']['deepmlf-fast']}  python {report['python']}  {report['platform']}"]
+    lines += [f"  {name:13s} {v}" for name, v in report["versions"].items() if name != "deepmlf-fast"]
+    lines += [
+        f"  torch CUDA    {report['torch_cuda']}",
+        f"device          {d['device']} ({d['name']}), CPU capability {d['cpu_capability']}",
+        f"native bf16     {'yes' if d['native_bf16'] else 'no'}: {d['why']}",
+        f"triton usable   {'yes' if report['triton_usable'] else 'no'}: {report['triton_why']}",
+        f"bitsandbytes    {report['bitsandbytes_backend']}",
+        f"auto precision  {report['auto_precision']['recipe_bf16']} for bf16 recipes "
+        f"({report['auto_precision']['reason']}); fp32 for fp32 recipes",
+        f"auto attention  {report['auto_attention_backend']}",
+        f"TF32            {report['tf32_default']}",
+    ]
+    return "\n".join(lines)

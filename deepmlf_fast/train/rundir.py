@@ -1,0 +1,116 @@
+"""The run directory: its layout, and the policy that keeps runs from mixing.
+
+    DIR/config.json                      the RunConfig, with what the hardware decided (`resolved`)
+    DIR/results.json                     test metrics (mean over seeds) and per-seed details
+    DIR/train.log
+    DIR/seed_<s>/av_encoder.safetensors  stage-1 AV encoder
+    DIR/seed_<s>/best.safetensors        best stage-2 weights (only what DeepMLF trains)
+    DIR/seed_<s>/last/                   resume point: model.safetensors, optimizer.pt, state.json
+    DIR/seed_<s>/deepspeed/              DeepSpeed checkpoints the resume point names
+    DIR/seed_<s>/result.json             this seed's test/valid metrics
+
+A directory holding a run continues only that run's configuration: finished seeds are
+kept and an interrupted one resumes. `--resume` also accepts changed training settings as
+long as the model is the same; `--overwrite` starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from deepmlf_fast.config import RunConfig
+from deepmlf_fast.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class RunDir:
+    """Paths inside one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    def seed(self, seed: int) -> Path:
+        return self.root / f"seed_{seed}"
+
+    def av_encoder(self, seed: int) -> Path:
+        return self.seed(seed) / "av_encoder.safetensors"
+
+    def best(self, seed: int) -> Path:
+        return self.seed(seed) / "best.safetensors"
+
+    def last(self, seed: int) -> Path:
+        return self.seed(seed) / "last"
+
+    def result(self, seed: int) -> Path:
+        return self.seed(seed) / "result.json"
+
+    def deepspeed(self, seed: int) -> Path:
+        return self.seed(seed) / "deepspeed"
+
+    def read_config(self) -> RunConfig:
+        """The saved configuration of a run (CheckpointError when there is none)."""
+        if not self.config.is_file():
+            raise CheckpointError(f"{str(self.root)!r} is not a run directory: config.json is missing")
+        return RunConfig.from_dict(json.loads(self.config.read_text()))
+
+    def check_compatible(self, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+        """Refuse to mix runs (writes nothing): a non-empty directory continues only the same
+        configuration; `resume` also accepts changed training settings when the model is the
+        same; `overwrite` starts over."""
+        if overwrite or not self.root.exists() or not any(self.root.iterdir()):
+            return
+        if not self.config.exists():
+            raise CheckpointError(
+                f"output directory {str(self.root)!r} is not empty and holds no run; choose another --output-dir "
+                f"or pass --overwrite"
+            )
+        saved = self.read_config()
+        same_model = _model_fields(saved) == _model_fields(cfg)
+        if not same_model or (not resume and _comparable(saved) != _comparable(cfg)):
+            raise ConfigError(
+                f"output directory {str(self.root)!r} holds a run with a different configuration; pass --overwrite "
+                f"to start over, another --output-dir, or --resume to continue it with changed training settings"
+            )
+        log.info("continuing the run in %s", self.root)
+
+    def create(self, overwrite: bool) -> None:
+        """Make the directory (emptied first with `overwrite`)."""
+        if overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+
+def _model_fields(cfg: RunConfig) -> dict:
+    """The model configuration, with the AV input widths data loading fills in left out."""
+    d = dataclasses.asdict(cfg.model)
+    d["av"].pop("audio_dim")
+    d["av"].pop("vision_dim")
+    return d
+
+
+def _comparable(cfg: RunConfig) -> dict:
+    """The configuration without fields that data loading or the hardware fill in, or that
+    don't change results."""
+    d = cfg.to_dict()
+    d["model"]["av"].pop("audio_dim")
+    d["model"]["av"].pop("vision_dim")
+    d["train"].pop("device")
+    d.pop("resolved")
+    return d
