@@ -3,7 +3,7 @@
     deepspeed --num_gpus 8 train.py --backbone llama-7b --dataset mosei --data mosei.pkl \
         --load-in-8bit --deepspeed configs/deepspeed/zero2.json
     torchrun --nproc_per_node 8 train.py --backbone llama-7b --dataset mosei --data mosei.pkl \
-        --precision bf16 --deepspeed configs/deepspeed/zero3_bf16.json
+        --deepspeed configs/deepspeed/zero3.json
     python train.py --dataset mosei --data mosei.pkl          # one process, no DeepSpeed
 
 It takes every `deepmlf train` argument, plus the `--local_rank` the deepspeed launcher
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Train DeepMLF, optionally with DeepSpeed (--deepspeed CONFIG).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
     _add_train_args(parser)
     parser.set_defaults(func=cmd_train)

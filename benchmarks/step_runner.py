@@ -11,6 +11,11 @@ What is measured (after building the model and the batch, and `gc.collect()`):
   `--steps` timed steps, each bracketed by `perf_counter` (with `torch.cuda.synchronize()` on CUDA).
   Wall-clock is right here: a step takes milliseconds to seconds, and the official pattern's host
   work (tokenisation) is part of what it costs.
+* FLOPs: deepmlf-fast's exact count of its step (`flops.deepmlf_step_flops`), or for the
+  official style what PyTorch counts while one more step runs (`flops.counted_flops`); the
+  achieved FLOP/s over the median step time, next to the measured rate of the step's dominant
+  matrix product (rows x D x FFN width, same dtype and threads) in this process: the fraction
+  of the machine's GEMM rate the whole step reaches;
 * peak memory of training, warm-up included (so optimizer state, gradients and activations count):
   - CUDA: `torch.cuda.max_memory_allocated()` minus the allocation at the reset after the build;
   - CPU: the kernel's peak RSS (VmHWM) minus the RSS after the build, with the peak reset to the
@@ -33,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import harness  # noqa: E402
 import shapes  # noqa: E402
+from flops import counted_flops, deepmlf_step_flops  # noqa: E402
 from step_common import (  # noqa: E402
     PROVIDERS,
     build_provider,
@@ -106,13 +113,23 @@ def main(argv=None) -> int:
 
     b, n = step_cfg.batch, cfg.fusion.n_tokens
     tokens = batch.real_tokens + b * n if args.provider.startswith("ours") else b * (cfg.text.max_tokens + n)
+    if args.provider.startswith("ours"):
+        flops = deepmlf_step_flops(module, batch.packed.layout).total
+    else:
+        flops = counted_flops(step)
+    lm_cfg = module.lm.config
+    inner = getattr(lm_cfg, "intermediate_size", None) or getattr(lm_cfg, "n_inner", None) or 4 * lm_cfg.hidden_size
+    dtype = torch.bfloat16 if step_cfg.precision == "bf16" else torch.float32
+    gemm = harness.gemm_rate(batch.real_tokens + b * n, lm_cfg.hidden_size, inner, dtype, args.device)
+    median = sorted(times)[len(times) // 2]
     write_json(args.out, {
         "config": step_cfg.name, "provider": args.provider, "device": args.device, "backbone": cfg.backbone,
         "dtype": step_cfg.precision, "batch": b, "n_fusion": n, "mm_layers": list(cfg.fusion.mm_layers),
         "w_clm": cfg.loss.w_clm, "times_s": times, "peak_mb": peak_mb, "mem_method": mem_method,
         "rss_after_build_mb": base_mb if not cuda else None, "build_s": build_s, "losses": losses,
         "tokens_per_step": tokens, "text_source": batch.text_source, "attn": args.attn, "note": note,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "flops": flops, "achieved_flops_per_s": flops / median,
+        "gemm_flops_per_s": gemm, "fraction_of_gemm": flops / median / gemm,
     })
     return 0
 

@@ -77,10 +77,13 @@ def test_training_step(step_config: StepConfig, provider: str, bench_env, record
     res = _run_provider(step_config, provider, bench_env, tmp_path)
     assert all(map(_finite, res["losses"])), f"non-finite loss: {res['losses']}"
     timing = harness.Timing([t * 1e6 for t in res["times_s"]], "wall-clock")
+    assert res["flops"] > 0 and 0 < res["fraction_of_gemm"], res
     _PEAKS[(step_config.name, provider)] = res["peak_mb"]
     notes = [
         f"B={res['batch']} F={res['n_fusion']} mm={len(res['mm_layers'])} clm={res['w_clm']:g}",
         f"tokens/step={res['tokens_per_step']}", f"mem={res['mem_method']}", f"text={res['text_source']}",
+        f"GFLOP/step={res['flops'] / 1e9:.2f}", f"GFLOP/s={res['achieved_flops_per_s'] / 1e9:.1f}",
+        f"gemm_GFLOP/s={res['gemm_flops_per_s'] / 1e9:.1f}", f"fraction_of_gemm={res['fraction_of_gemm']:.2f}",
         f"threads={res['threads']}" if bench_env.device.kind == "cpu" else "",
         res["note"],
     ]

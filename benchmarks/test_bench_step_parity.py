@@ -8,9 +8,11 @@ causal-LM term on.
 
 Exact equality is not expected: the official path runs the LM over the padded `(B, L + F)` batch with
 a dense mask, deepmlf-fast over packed real rows, so attention and GEMM reductions run in a different
-order (and the CLM cross-entropy is chunked). In fp32 that reorders float sums at the 1e-6 level;
-the test allows 1e-4 relative (1e-5 absolute) on every loss part and prediction, and 1e-3 relative
-on the gradients of the fusion tokens and of the first MM block's query projection.
+order (and the CLM cross-entropy is chunked). In fp32 that reorders float sums at the 1e-7 level;
+the test allows 3e-6 absolute (1e-5 relative) on every loss part and prediction, tight enough to
+catch a difference of the size of the MM-norm epsilon (1e-5 vs the official 1e-6 moves the Llama
+heads by ~1e-4), and 1e-3 relative on the gradients of the fusion tokens and of the first MM
+block's query projection.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def test_official_style_matches_deepmlf_fast(backbone, attn):
     loss_b, parts_b, out_b = forward_loss("official", official, cfg, batch)
     assert set(parts_a) == set(parts_b) == {"task", "fusion", "av", "text", "clm"}
     for k in parts_a:
-        torch.testing.assert_close(parts_a[k], parts_b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"loss part {k}: {m}")
+        torch.testing.assert_close(parts_a[k], parts_b[k], rtol=1e-5, atol=3e-6, msg=lambda m: f"loss part {k}: {m}")
     for k in ("pred", "pred_text", "pred_fusion", "pred_av"):
-        torch.testing.assert_close(out_a[k], out_b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out_a[k], out_b[k], rtol=1e-5, atol=3e-6, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=3e-6)
 
     loss_a.backward()
     loss_b.backward()

@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from deepmlf_fast.errors import DeepMLFError
@@ -54,6 +55,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen backbone to LLM.int8")
     g.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen backbone to NF4")
     g.add_argument("--random-init", action="store_true", help="backbone architecture with random weights")
+    g.add_argument("--skip-nonfinite", type=int, metavar="N",
+                   help="skip up to N optimiser steps whose loss or gradient is NaN/inf (logged) instead of "
+                        "stopping at the first (default 0)")
     g.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="set any configuration field by its dotted path, e.g. --set fusion.dropout=0.2 "
                         "--set optim.eta_min=1e-6 (repeatable; applied after every other flag)")
@@ -80,6 +84,7 @@ OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backend", ("train.backend",)),
     ("deepspeed", ("train.deepspeed",)),
     ("seeds", ("train.seeds",)),
+    ("skip_nonfinite", ("train.skip_nonfinite",)),
     ("output_dir", ("train.output_dir",)),
 )
 """`deepmlf train` option (argparse dest) -> the configuration fields it sets, when given."""
@@ -269,6 +274,7 @@ def cmd_env(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepmlf", description="DeepMLF multimodal sentiment analysis")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train DeepMLF (both curriculum stages, every seed)")
@@ -344,14 +350,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed command (`args.func`) with the CLI's logging and error reporting."""
+    """Run a parsed command (`args.func`) with the CLI's logging and error reporting: every
+    `DeepMLFError` becomes one `error: ...` line on stderr and exit status 2 (`--debug`: the
+    traceback too)."""
     setup_logging(args.quiet)
     try:
         return args.func(args)
     except DeepMLFError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, KeyError) as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -51,7 +51,11 @@ class ParityFlags:
     """Weight-decay groups: exempt biases, norms, gates, fusion tokens and BatchNorm, or
     official (only biases exempt; stage 1 uses AdamW's default 0.01)."""
     eval_precision: Literal["train", "bf16"]
-    """Evaluation precision: same as training, or official bf16 autocast at evaluation."""
+    """Evaluation precision: same as training, or official bf16 autocast at evaluation (where the
+    device runs bf16 natively; elsewhere fp32, see `deepmlf_fast.hardware.eval_precision`)."""
+    mm_norm_eps: Literal["lm", "official"]
+    """Epsilon of the MM blocks' norms: the wrapped LM's own (its other norms normalise the same
+    residual stream), or the official constants (1e-5 LayerNorm, 1e-6 RMSNorm; SmolLM2 uses 1e-5)."""
 
 
 PARITY_FLAGS: dict[str, ParityFlags] = {
@@ -64,6 +68,7 @@ PARITY_FLAGS: dict[str, ParityFlags] = {
         grad_clip="norm_all",
         weight_decay="exempt_norms_gates_tokens_biases",
         eval_precision="train",
+        mm_norm_eps="lm",
     ),
     "official": ParityFlags(
         xattn_scale="model_dim",
@@ -74,6 +79,7 @@ PARITY_FLAGS: dict[str, ParityFlags] = {
         grad_clip="value_mm_only",
         weight_decay="exempt_biases_only",
         eval_precision="bf16",
+        mm_norm_eps="official",
     ),
 }
 
@@ -258,6 +264,9 @@ class TrainConfig:
     """Attention op backend: Triton on CUDA, the PyTorch reference elsewhere."""
     deepspeed: str | None = None
     """DeepSpeed JSON config; None trains in one process without DeepSpeed."""
+    skip_nonfinite: int = 0
+    """Optimiser steps with a non-finite loss or gradient that may be skipped (logged) before
+    training stops; 0 stops at the first (single process; DeepSpeed always stops)."""
 
 
 @dataclass
@@ -395,3 +404,127 @@ def _set(obj, parts: list[str], value):
     if len(parts) == 1:
         return dataclasses.replace(obj, **{parts[0]: value})
     return dataclasses.replace(obj, **{parts[0]: _set(getattr(obj, parts[0]), parts[1:], value)})
+
+
+# ------------------------------------------------------------------------------ validation
+
+_POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+_NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+_POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
+_PROBABILITY = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
+_FRACTION = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def _one_of(*options):
+    return (lambda v: v in options, f"one of {list(options)}")
+
+
+FIELD_RULES: dict[str, tuple] = {
+    "model.backbone": (lambda v: isinstance(v, str) and bool(v.strip()), "a backbone name or path"),
+    "model.parity": _one_of(*PARITY_FLAGS),
+    "model.head_hidden": _POSITIVE_INT,
+    "model.text_prefix_no_grad": _BOOL,
+    "model.recompute_lm_blocks": _BOOL,
+    "model.load_in_8bit": _BOOL,
+    "model.load_in_4bit": _BOOL,
+    "model.random_init": _BOOL,
+    "model.av.audio_dim": _POSITIVE_INT,
+    "model.av.vision_dim": _POSITIVE_INT,
+    "model.av.d_model": _POSITIVE_INT,
+    "model.av.n_heads": _POSITIVE_INT,
+    "model.av.n_layers": _POSITIVE_INT,
+    "model.av.ff_mult": _POSITIVE_INT,
+    "model.av.dropout": _PROBABILITY,
+    "model.av.max_len": _POSITIVE_INT,
+    "model.av.p_perm": _FRACTION,
+    "model.fusion.n_tokens": _POSITIVE_INT,
+    "model.fusion.n_heads": _POSITIVE_INT,
+    "model.fusion.gate": _one_of("sigmoid", "tanh"),
+    "model.fusion.dropout": _PROBABILITY,
+    "model.fusion.lora_rank": _NON_NEGATIVE_INT,
+    "model.fusion.lora_alpha": _POSITIVE,
+    "model.fusion.lora_dropout": _PROBABILITY,
+    "model.fusion.xattn_form": _one_of("auto", "plain", "absorbed"),
+    "model.text.max_tokens": _POSITIVE_INT,
+    "model.text.p_perm": _FRACTION,
+    "model.text.p_apply": _FRACTION,
+    "model.loss.w_fusion": _NON_NEGATIVE,
+    "model.loss.w_av": _NON_NEGATIVE,
+    "model.loss.w_text": _NON_NEGATIVE,
+    "model.loss.w_clm": _NON_NEGATIVE,
+    "optim.lr_mm": _POSITIVE,
+    "optim.lr_av": _POSITIVE,
+    "optim.weight_decay_mm": _NON_NEGATIVE,
+    "optim.weight_decay_av": _NON_NEGATIVE,
+    "optim.eps": _POSITIVE,
+    "optim.batch_size": _POSITIVE_INT,
+    "optim.grad_accum": _POSITIVE_INT,
+    "optim.grad_clip": _NON_NEGATIVE,
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.cosine_epochs": _POSITIVE_INT,
+    "optim.eta_min": _NON_NEGATIVE,
+    "optim.max_epochs": _POSITIVE_INT,
+    "optim.early_stop": _POSITIVE_INT,
+    "optim.key_metric": _one_of("Loss", "MAE"),
+    "pretrain.enabled": _BOOL,
+    "pretrain.lr": _POSITIVE,
+    "pretrain.weight_decay": _NON_NEGATIVE,
+    "pretrain.batch_size": _POSITIVE_INT,
+    "pretrain.grad_accum": _POSITIVE_INT,
+    "pretrain.grad_clip": _NON_NEGATIVE,
+    "pretrain.plateau_patience": _NON_NEGATIVE_INT,
+    "pretrain.early_stop": _POSITIVE_INT,
+    "pretrain.max_epochs": _POSITIVE_INT,
+    "data.dataset": _one_of("mosi", "mosei", "sims"),
+    "data.num_workers": _NON_NEGATIVE_INT,
+    "data.synthetic_seed": _NON_NEGATIVE_INT,
+    "train.precision": _one_of("auto", "fp32", "bf16"),
+    "train.recipe_precision": _one_of("fp32", "bf16"),
+    "train.tf32": _BOOL,
+    "train.eval_batch_size": _POSITIVE_INT,
+    "train.log_every": _POSITIVE_INT,
+    "train.backend": _one_of("auto", "triton", "reference"),
+    "train.skip_nonfinite": _NON_NEGATIVE_INT,
+}
+"""Every checked field: (predicate, what is expected). `validate_config` adds the cross-field rules."""
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Check every field and cross-field rule of a run's configuration (no files, no backbone:
+    those are checked where they are read). Raises ConfigError naming the field, what was
+    expected and what was found."""
+    for path, (ok, expected) in FIELD_RULES.items():
+        value = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(f"{path}: expected {expected}, found {value!r}")
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    if m.av.d_model % m.av.n_heads:
+        raise ConfigError(f"model.av.n_heads: expected a divisor of av.d_model {m.av.d_model}, found {m.av.n_heads}")
+    if m.load_in_8bit and m.load_in_4bit:
+        raise ConfigError("model.load_in_8bit / load_in_4bit: expected at most one, found both")
+    if not (isinstance(m.fusion.mm_layers, tuple) and m.fusion.mm_layers
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in m.fusion.mm_layers)):
+        raise ConfigError(f"model.fusion.mm_layers: expected a non-empty list of block indices, found {m.fusion.mm_layers!r}")
+    if not (isinstance(o.betas, tuple) and len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas)):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), found {o.betas!r}")
+    if not (isinstance(t.seeds, tuple) and t.seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                          for s in t.seeds)):
+        raise ConfigError(f"train.seeds: expected one or more integers >= 0, found {t.seeds!r}")
+    if len(set(t.seeds)) != len(t.seeds):
+        raise ConfigError(f"train.seeds: expected distinct seeds, found {list(t.seeds)}")
+    if not (isinstance(d.synthetic_sizes, tuple) and len(d.synthetic_sizes) == 3
+            and all(isinstance(n, int) and n >= 1 for n in d.synthetic_sizes)):
+        raise ConfigError(f"data.synthetic_sizes: expected three integers >= 1 (train, valid, test), found "
+                          f"{d.synthetic_sizes!r}")
+    if not isinstance(t.output_dir, str) or not t.output_dir.strip():
+        raise ConfigError(f"train.output_dir: expected a directory path, found {t.output_dir!r}")
+    if m.parity == "official" and t.deepspeed:
+        raise ConfigError(
+            "model.parity: DeepSpeed training needs parity 'corrected' (mean accumulation, global-norm clipping), "
+            "found 'official', whose sum accumulation and element-wise MM-side clipping DeepSpeed's engine cannot "
+            "reproduce; train --parity official without --deepspeed"
+        )

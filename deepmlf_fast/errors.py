@@ -20,3 +20,7 @@ class BackboneError(DeepMLFError, ValueError):
 
 class CheckpointError(DeepMLFError, ValueError):
     """A checkpoint or run directory is missing, incomplete or incompatible."""
+
+
+class TrainingError(DeepMLFError, RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient, for instance)."""

@@ -1,7 +1,10 @@
-"""File-system helpers: the cache directory and atomic writes.
+"""File-system helpers: the cache directory, atomic durable writes, and recovery.
 
-Nothing deepmlf-fast writes is ever left half-written: files and directories are
-written under a temporary name in the same folder and renamed into place.
+Nothing deepmlf-fast writes is ever left half-written: files and directories are written
+under a temporary name in the same folder, flushed to disk (fsync), and renamed into place;
+the folder is fsynced so the rename itself survives a crash. A directory is replaced in two
+renames (`path` -> `.path.old`, then the new one -> `path`); a process killed between them
+leaves `.path.old` complete, and `recover_dir` puts it back on the next start.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,9 +32,32 @@ def cache_dir() -> Path:
     return root
 
 
+PAUSE_ENV = "DEEPMLF_TEST_PAUSE_AT"
+"""Test hook: `name:marker_path` makes `pause_point(name)` create `marker_path` and sleep, so a
+test can SIGKILL the process at that exact moment (e.g. inside a checkpoint write)."""
+
+
+def pause_point(name: str) -> None:
+    """Block forever at a named moment when the test hook `DEEPMLF_TEST_PAUSE_AT` asks for it."""
+    spec = os.environ.get(PAUSE_ENV, "")
+    if spec.partition(":")[0] == name:
+        Path(spec.partition(":")[2]).write_text(str(os.getpid()))
+        while True:
+            time.sleep(60)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a directory entry list, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path next to `path`; rename it onto `path` on success.
+    """Yield a temporary file path next to `path`; fsync it and rename it onto `path` on success.
 
     On an exception the temporary file is removed and `path` is left untouched.
     """
@@ -41,34 +68,66 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; move it onto `path` on success.
-
-    An existing `path` is replaced only once the new directory is complete.
-    """
+    """Yield a temporary directory next to `path`; fsync its files and move it onto `path`
+    on success. An existing `path` is replaced only once the new directory is complete and
+    durable (see the module docstring for the two renames and `recover_dir`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        fsync_path(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            shutil.rmtree(_old(path), ignore_errors=True)
+            os.replace(path, _old(path))
+            fsync_path(path.parent)
+            pause_point("between-renames")
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            fsync_path(path.parent)
+            shutil.rmtree(_old(path), ignore_errors=True)
         else:
             os.replace(tmp, path)
+            fsync_path(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike) -> str | None:
+    """Repair what a killed `atomic_dir(path)` left: put back `.path.old` when `path` is
+    missing, and remove leftover temporaries and old copies. Returns what was done, or None."""
+    path = Path(path)
+    done = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        done.append(f"removed the unfinished {tmp.name}")
+    old = _old(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed the replaced {old.name}")
+        else:
+            os.replace(old, path)
+            fsync_path(path.parent)
+            done.append(f"restored {path.name} from {old.name} (a replacement was interrupted)")
+    return "; ".join(done) or None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

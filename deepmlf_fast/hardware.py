@@ -180,10 +180,20 @@ def attention_backend(requested: str, device: torch.device | str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> the first CUDA device when there is one, else the CPU."""
+    """'auto' -> the first CUDA device when there is one, else the CPU; an explicit device must
+    exist here (ConfigError naming `train.device` otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, found {name!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"train.device: expected a device this machine has (CUDA devices: "
+                          f"{torch.cuda.device_count()}), found {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, found {name!r}")
+    return device
 
 
 def resolve_run(cfg: RunConfig, device: torch.device) -> Resolved:

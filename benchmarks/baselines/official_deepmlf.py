@@ -148,7 +148,7 @@ class OfficialStyleDeepMLF(nn.Module):
         lm_cfg = lm.config
         dim = lm_cfg.hidden_size
         device = next(lm.parameters()).device
-        eps = getattr(lm_cfg, spec.norm_eps_attr)
+        eps = 1e-5 if spec.norm == "layernorm" else 1e-6  # MMBlock's own LayerNorm / _LlamaRMSNorm defaults
         dropout = cfg.fusion.dropout
         self.fusion_tokens = nn.Parameter(torch.randn(self.n_fusion, dim) * 0.02)
         self.av_encoder = AVEncoder(cfg.av, "strided")

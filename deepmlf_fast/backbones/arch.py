@@ -28,6 +28,9 @@ class ArchSpec:
     final_norm: str
     norm: Literal["layernorm", "rmsnorm"]
     norm_eps_attr: str
+    official_mm_norm_eps: float
+    """Epsilon of the official code's MM-block norms: its own LayerNorm (1e-5) for GPT-2, its
+    `_LlamaRMSNorm` (1e-6) for the Llama family, whatever the wrapped LM uses."""
     ffn: Literal["mlp", "swiglu"]
     ffn_paths: tuple[str, ...]
     """Inside a decoder block: (fc_in, fc_out) for `mlp`, (gate, up, down) for `swiglu`."""
@@ -47,6 +50,7 @@ ARCHS: dict[str, ArchSpec] = {
         final_norm="ln_f",
         norm="layernorm",
         norm_eps_attr="layer_norm_epsilon",
+        official_mm_norm_eps=1e-5,
         ffn="mlp",
         ffn_paths=("mlp.c_fc", "mlp.c_proj"),
         act_attr="activation_function",
@@ -62,6 +66,7 @@ ARCHS: dict[str, ArchSpec] = {
         final_norm="norm",
         norm="rmsnorm",
         norm_eps_attr="rms_norm_eps",
+        official_mm_norm_eps=1e-6,
         ffn="swiglu",
         ffn_paths=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         act_attr="hidden_act",

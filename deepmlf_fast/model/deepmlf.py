@@ -56,6 +56,7 @@ class DeepMLF(nn.Module):
         self.mm_layers = tuple(sorted(cfg.fusion.mm_layers))
         check_model_config(cfg, lm_cfg)
         flags = cfg.flags
+        norm_eps = getattr(lm_cfg, spec.norm_eps_attr) if flags.mm_norm_eps == "lm" else spec.official_mm_norm_eps
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
             self.fusion_tokens = FusionTokens(cfg.fusion.n_tokens, dim)
@@ -67,7 +68,7 @@ class DeepMLF(nn.Module):
                 if cfg.fusion.lora_rank > 0:
                     mlp = add_lora(mlp, cfg.fusion.lora_rank, cfg.fusion.lora_alpha, cfg.fusion.lora_dropout)
                 blocks[str(i)] = MMBlock(
-                    dim, cfg.av.d_model, cfg.fusion, mlp, spec.norm, getattr(lm_cfg, spec.norm_eps_attr),
+                    dim, cfg.av.d_model, cfg.fusion, mlp, spec.norm, norm_eps,
                     xattn_scale(dim, cfg.fusion.n_heads, flags),
                     cfg.fusion.dropout if spec.mm_ffn_dropout else 0.0,
                 )

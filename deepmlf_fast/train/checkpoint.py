@@ -1,28 +1,27 @@
-"""Checkpoints: trained weights in safetensors, resume state next to them, all atomic.
+"""Checkpoints: trained weights in safetensors, resume points next to them, all atomic and durable.
 
-Run directory layout (one folder per seed):
-
-    DIR/config.json                      the RunConfig (rebuilds the model around the backbone)
-    DIR/results.json                     test metrics (mean over seeds) and per-seed details
-    DIR/seed_<s>/av_encoder.safetensors  stage-1 AV encoder
-    DIR/seed_<s>/best.safetensors        best stage-2 weights (only what DeepMLF trains)
-    DIR/seed_<s>/last/                   resume point: model.safetensors, optimizer.pt, state.json
-    DIR/seed_<s>/result.json             this seed's test/valid metrics
+A resume point is a directory (`seed_<s>/last/`, or `seed_<s>/stage1/` during stage 1) holding
+`model.safetensors`, `optimizer.pt` (engine state and every RNG) and `state.json` (where the stage
+stands), replaced as a whole by `fileio.atomic_dir`; `open_resume_point` repairs what a kill in
+the middle of a replacement left. Every damaged file raises a `CheckpointError` that names it.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deepmlf_fast.errors import CheckpointError
-from deepmlf_fast.fileio import atomic_dir, atomic_path
+from deepmlf_fast.fileio import atomic_dir, atomic_path, recover_dir
 
 FORMAT = "deepmlf-fast/1"
 
@@ -35,11 +34,33 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors state dict, with a clear error when the file is missing."""
+    """Read a safetensors state dict; CheckpointError naming the file when it is missing or damaged."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is damaged (truncated or not safetensors): {e}") from None
+
+
+def read_json_file(path: str | Path, what: str):
+    """A run file's JSON content; CheckpointError naming the file when missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} {str(path)!r} is damaged (not valid JSON: {e})") from None
+
+
+def _load_torch(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{what} {str(path)!r} is damaged (truncated or not a torch file): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 @dataclass
@@ -51,6 +72,15 @@ class TrainState:
     best_metric: float = float("inf")
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Stage1State:
+    """Where stage 1 (the AV encoder) stands after an epoch."""
+
+    epoch: int = 0
+    best: float = float("inf")
+    best_epoch: int = -1
 
 
 def rng_state() -> dict:
@@ -75,20 +105,36 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), py_gauss))
 
 
-def save_resume(folder: str | Path, model_state: dict, engine_state: dict, state: TrainState) -> None:
-    """Write a complete resume point into `folder`, replacing the previous one atomically."""
+def save_resume(folder: str | Path, model_state: dict, engine_state: dict, state) -> None:
+    """Write a complete resume point into `folder` (weights, engine state, RNG, `state` as
+    JSON), replacing the previous one atomically and durably."""
     with atomic_dir(folder) as tmp:
         save_weights(model_state, tmp / "model.safetensors")
         torch.save({"engine": engine_state, "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
 
 
-def load_resume(folder: str | Path) -> tuple[dict, dict, dict, TrainState]:
-    """-> (model state, engine state, rng state, TrainState) of a resume point."""
+def open_resume_point(folder: str | Path) -> tuple[bool, str | None]:
+    """Repair an interrupted replacement of `folder`; -> (a complete resume point exists, what
+    was repaired or None)."""
+    folder = Path(folder)
+    repaired = recover_dir(folder)
+    return folder.is_dir(), repaired
+
+
+def load_resume(folder: str | Path, state_cls=TrainState) -> tuple[dict, dict, dict, object]:
+    """-> (model state, engine state, rng state, `state_cls` instance) of a resume point."""
     folder = Path(folder)
     for name in ("model.safetensors", "optimizer.pt", "state.json"):
         if not (folder / name).is_file():
             raise CheckpointError(f"resume point {str(folder)!r} is incomplete: {name} is missing")
-    extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    extra = _load_torch(folder / "optimizer.pt", "optimizer state")
+    if not isinstance(extra, dict) or not {"engine", "rng"} <= set(extra):
+        raise CheckpointError(f"optimizer state {str(folder / 'optimizer.pt')!r} is damaged: expected engine and rng "
+                              f"entries, found {sorted(extra) if isinstance(extra, dict) else type(extra).__name__}")
+    raw = read_json_file(folder / "state.json", "resume state")
+    try:
+        state = state_cls(**raw)
+    except TypeError as e:
+        raise CheckpointError(f"resume state {str(folder / 'state.json')!r} is damaged: {e}") from None
     return load_weights(folder / "model.safetensors"), extra["engine"], extra["rng"], state

@@ -52,23 +52,9 @@ def load_deepspeed_config(path: str | Path) -> dict:
     return raw
 
 
-def check_parity_supported(cfg: RunConfig) -> None:
-    """DeepSpeed averages accumulated gradients and clips by global norm (the corrected
-    behaviour). The official mode sums micro-batches, drops each epoch's trailing partial
-    accumulation and clips element-wise on the MM-side parameters only, none of which
-    DeepSpeed's engine can do, so that combination is refused instead of silently changed."""
-    flags = cfg.model.flags
-    if flags.grad_accum != "mean" or flags.grad_clip != "norm_all":
-        raise ConfigError(
-            f"model.parity: DeepSpeed training needs parity 'corrected' (mean accumulation, global-norm clipping), "
-            f"found {cfg.model.parity!r}, whose sum accumulation and element-wise MM-side clipping DeepSpeed's engine "
-            f"cannot reproduce; train --parity official without --deepspeed"
-        )
-
-
 def deepspeed_config_for(cfg: RunConfig, world_size: int) -> dict:
-    """The resolved config of a run with `train.deepspeed` set (checked before anything loads)."""
-    check_parity_supported(cfg)
+    """The resolved config of a run with `train.deepspeed` set (checked before anything loads;
+    `config.validate_config` has refused parity 'official' with DeepSpeed)."""
     return resolve_deepspeed_config(load_deepspeed_config(cfg.train.deepspeed), cfg, world_size)
 
 

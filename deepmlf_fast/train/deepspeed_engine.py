@@ -38,9 +38,12 @@ from deepmlf_fast.train.optim import param_groups, schedule_for
 class DeepSpeedEngine:
     """Engine around a DeepSpeed engine; `model` must be a DeepMLF and the process group up."""
 
-    def __init__(self, model, cfg: RunConfig, n_batches: int, checkpoint_dir: str | Path):
+    def __init__(self, model, cfg: RunConfig, n_batches: int, checkpoint_dir: str | Path, guard=None):
         import deepspeed
 
+        self.guard = guard
+        """Checks the loss terms at each accumulation boundary (gradients live in ZeRO's
+        partitions, so they are not inspected, and a non-finite step always stops the run)."""
         self.config = deepspeed_config_for(cfg, distributed.world_size())
         self.stage = stage_of(self.config)
         self.accum = cfg.optim.grad_accum
@@ -74,10 +77,12 @@ class DeepSpeedEngine:
         """DeepSpeed's engine: forward passes must go through it (ZeRO's backward hooks)."""
         return self.ds
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> None:
         """Accumulate one micro-batch. Its loss is divided by the size of the accumulation
         group it belongs to (`accum`, or fewer for an epoch's trailing group), and the
         group's last micro-batch is marked as DeepSpeed's accumulation boundary."""
+        if self.guard is not None:
+            self.guard.observe(dict(parts or {}, total=loss))
         group_start = (self.micro // self.accum) * self.accum
         group_size = min(self.accum, self.n_batches - group_start)
         self._boundary = self.micro - group_start + 1 >= group_size
@@ -87,6 +92,8 @@ class DeepSpeedEngine:
 
     def maybe_step(self) -> bool:
         """DeepSpeed's step: reduces, clips and updates at a boundary, else only counts."""
+        if self._boundary and self.guard is not None:
+            self.guard.check(self.ds.global_steps, check_grads=False)
         self.ds.step()
         return self._boundary
 

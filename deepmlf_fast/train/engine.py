@@ -19,6 +19,7 @@ Accumulation and clipping follow the parity flags:
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Literal, Protocol
@@ -26,14 +27,64 @@ from typing import Literal, Protocol
 import torch
 
 from deepmlf_fast.config import ParityFlags, RunConfig
-from deepmlf_fast.errors import CheckpointError
+from deepmlf_fast.errors import CheckpointError, TrainingError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteGuard:
+    """Stops training at the first optimiser step whose loss or gradient is not finite, naming
+    the step, the loss term and the first parameter whose gradient is not finite; or skips up
+    to `budget` such steps (`--skip-nonfinite N`), logged. Costs one device-to-host read per
+    optimiser step (micro-batches only accumulate a device flag)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], budget: int):
+        self.named_params = named_params
+        self.budget = budget
+        self.skipped = 0
+        self._bad: dict[str, torch.Tensor] = {}
+
+    def observe(self, parts: dict[str, torch.Tensor]) -> None:
+        """Record one micro-batch's loss terms (device tensors; nothing is read back here)."""
+        for name, value in parts.items():
+            bad = ~torch.isfinite(value.detach())
+            self._bad[name] = self._bad[name] | bad if name in self._bad else bad
+
+    def reset(self) -> None:
+        """Forget the micro-batches of a dropped accumulation."""
+        self._bad = {}
+
+    def check(self, step: int, check_grads: bool = True) -> bool:
+        """True when the accumulated losses (and gradients) are finite; False when the step is
+        to be skipped; raises TrainingError when the budget is spent."""
+        terms, self._bad = self._bad, {}
+        flags = list(terms.values())
+        grads = [p.grad for _, p in self.named_params if p.grad is not None] if check_grads else []
+        if grads:
+            flags.append(~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if not flags or not bool(torch.stack(flags).any()):  # the one read per optimiser step
+            return True
+        bad_terms = [name for name, flag in terms.items() if bool(flag)]
+        bad_param = next((n for n, p in self.named_params
+                          if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
+        what = (f"loss term(s) {bad_terms}" if bad_terms else "no loss term") + (
+            f"; first parameter with a non-finite gradient: {bad_param}" if bad_param else "")
+        if self.skipped < self.budget:
+            self.skipped += 1
+            log.warning("optimiser step %d skipped (%d of --skip-nonfinite %d): non-finite %s", step + 1,
+                        self.skipped, self.budget, what)
+            return False
+        raise TrainingError(
+            f"non-finite values at optimiser step {step + 1}: {what}; expected finite losses and gradients "
+            f"(lower the learning rate, check the data, or pass --skip-nonfinite N to skip up to N such steps)"
+        )
 
 
 class Engine(Protocol):
     """What the training loops need from an optimisation engine."""
 
     def steps_per_epoch(self, n_batches: int) -> int: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> None: ...
     def maybe_step(self) -> bool: ...
     def end_epoch(self) -> bool: ...
     @property
@@ -67,18 +118,21 @@ def make_engine(stage: Literal["av", "deepmlf"], model: torch.nn.Module, cfg: Ru
 
     flags = cfg.model.flags
     params = [p for p in model.parameters() if p.requires_grad]
+    # DeepSpeed cannot skip a step it has reduced, so a non-finite step always stops it.
+    budget = 0 if stage == "deepmlf" and cfg.train.deepspeed else cfg.train.skip_nonfinite
+    guard = NonFiniteGuard([(n, p) for n, p in model.named_parameters() if p.requires_grad], budget)
     if stage == "av":
         pre = cfg.pretrain
         return PlainEngine(params, av_pretrain_optimizer(model, cfg), None, accum=pre.grad_accum,
-                           clip=pre.grad_clip, flags=flags, clip_every_micro=True)
+                           clip=pre.grad_clip, flags=flags, clip_every_micro=True, guard=guard)
     if cfg.train.deepspeed:
         from deepmlf_fast.train.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, n_batches, Path(checkpoint_dir or cfg.train.output_dir))
+        return DeepSpeedEngine(model, cfg, n_batches, Path(checkpoint_dir or cfg.train.output_dir), guard)
     optimizer = build_optimizer(model, cfg.optim, flags)
     scheduler = schedule_for(optimizer, cfg.optim, max(steps_per_epoch(n_batches, cfg.optim.grad_accum, flags), 1))
     return PlainEngine(params, optimizer, scheduler, accum=cfg.optim.grad_accum, clip=cfg.optim.grad_clip,
-                       flags=flags, value_clip_params=mm_side_parameters(model))
+                       flags=flags, value_clip_params=mm_side_parameters(model), guard=guard)
 
 
 class PlainEngine:
@@ -95,6 +149,7 @@ class PlainEngine:
         flags: ParityFlags,
         value_clip_params: list[torch.nn.Parameter] | None = None,
         clip_every_micro: bool = False,
+        guard: NonFiniteGuard | None = None,
     ):
         self.params = params
         self.optimizer = optimizer
@@ -106,6 +161,7 @@ class PlainEngine:
         self.by_norm = flags.grad_clip == "norm_all"
         self.value_clip_params = value_clip_params if value_clip_params is not None else params
         self.clip_every_micro = clip_every_micro and not self.by_norm
+        self.guard = guard
         self.micro = 0
         self.steps = 0
 
@@ -113,8 +169,10 @@ class PlainEngine:
         """Optimiser steps one epoch of `n_batches` micro-batches makes."""
         return steps_per_epoch(n_batches, self.accum, self.flags)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradient of one micro-batch's loss."""
+    def backward(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> None:
+        """Accumulate the gradient of one micro-batch's loss (`parts`: its terms, watched by the guard)."""
+        if self.guard is not None:
+            self.guard.observe(dict(parts or {}, total=loss))
         (loss / self.accum if self.mean else loss).backward()
         self.micro += 1
         if self.clip_every_micro and self.clip > 0:
@@ -134,6 +192,8 @@ class PlainEngine:
         if not self.mean:
             self.optimizer.zero_grad(set_to_none=True)
             self.micro = 0
+            if self.guard is not None:
+                self.guard.reset()
             return False
         scale = self.accum / self.micro
         for p in self.params:
@@ -143,6 +203,10 @@ class PlainEngine:
         return True
 
     def _step(self) -> None:
+        if self.guard is not None and not self.guard.check(self.steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.micro = 0
+            return
         if self.clip > 0 and not self.clip_every_micro:
             if self.by_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip)

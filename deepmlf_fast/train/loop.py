@@ -18,7 +18,16 @@ from tqdm.auto import tqdm
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.train import distributed
-from deepmlf_fast.train.checkpoint import TrainState, load_resume, load_weights, save_resume, save_weights, set_rng_state
+from deepmlf_fast.fileio import pause_point
+from deepmlf_fast.train.checkpoint import (
+    TrainState,
+    load_resume,
+    load_weights,
+    open_resume_point,
+    save_resume,
+    save_weights,
+    set_rng_state,
+)
 from deepmlf_fast.train.evaluate import evaluate
 from deepmlf_fast.train.step import StepContext, forward_step
 
@@ -34,8 +43,9 @@ def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: 
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
     for batch in bar:
         step = forward_step(model, batch, ctx)
-        engine.backward(step.loss)
+        engine.backward(step.loss, step.parts)
         engine.maybe_step()
+        pause_point(f"stage2-epoch{epoch + 1}-batch{n + 1}")
         parts = dict(step.parts, total=step.loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v
@@ -54,13 +64,16 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx:
     key = cfg.optim.key_metric
     state = TrainState()
     last, best_path = seed_dir / "last", seed_dir / "best.safetensors"
-    if last.exists():
+    exists, repaired = distributed.from_main(open_resume_point(last) if distributed.is_main() else None)
+    if repaired:
+        log.warning("resume point %s: %s", last, repaired)
+    if exists:
         model_state, engine_state, rng, state = load_resume(last)
         engine.load_model_state(model, model_state)
         set_rng_state(rng)
         engine.load_state_dict(engine_state)  # after the RNG: a DeepSpeed rank restores its own
-        log.info("resuming from %s after epoch %d (best %s %.4f at epoch %d)", last, state.epoch, key,
-                 state.best_metric, state.best_epoch + 1)
+        log.info("resuming stage 2 from %s after epoch %d (best %s %.4f at epoch %d); the epoch in progress "
+                 "when the run stopped is redone", last, state.epoch, key, state.best_metric, state.best_epoch + 1)
     while state.epoch < cfg.optim.max_epochs and not _stopped(state, cfg.optim.early_stop):
         start = time.time()
         train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch))

@@ -15,7 +15,6 @@ shard through a `DeepSpeedEngine`, and only rank 0 writes (see `train/distribute
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -25,10 +24,10 @@ import numpy as np
 import torch
 
 from deepmlf_fast.backbones.load import backbone_config, load_backbone
-from deepmlf_fast.config import RunConfig
+from deepmlf_fast.config import RunConfig, validate_config
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
 from deepmlf_fast.data.specs import dataset_spec
-from deepmlf_fast.errors import CheckpointError, DataError
+from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
 from deepmlf_fast.fileio import cache_dir, write_json
 from deepmlf_fast.hardware import DTYPES, resolve_device, resolve_run
 from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
@@ -36,7 +35,7 @@ from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF, check_model_config
 from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.train import distributed
-from deepmlf_fast.train.checkpoint import load_weights
+from deepmlf_fast.train.checkpoint import load_weights, read_json_file
 from deepmlf_fast.train.engine import make_engine
 from deepmlf_fast.train.evaluate import evaluate
 from deepmlf_fast.train.loop import fit
@@ -124,11 +123,16 @@ class Session:
 
 
 def check_run(cfg: RunConfig) -> None:
-    """Validate what can be checked from the configuration alone, before anything is loaded or
-    written: the dataset and the model configuration against the backbone's dimensions (read
-    from its config, never its weights)."""
-    dataset_spec(cfg.data.dataset)
+    """Validate what can be checked before anything is loaded or written: every configuration
+    field, the model configuration against the backbone's dimensions (read from its config,
+    never its weights), the data file's presence, and the output directory."""
+    validate_config(cfg)
     check_model_config(cfg.model, backbone_config(cfg.model.backbone))
+    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
+        raise DataError(f"{cfg.data.path}: data file not found (expected an MMSA .pkl or a converted .npz)")
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: expected a directory, found a file at {str(out)!r}")
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -137,9 +141,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) 
 
     Inputs (run directory, configuration, data, backbone) are all validated before anything
     is written, so a bad argument leaves no half-made run directory behind."""
+    check_run(cfg)
     run_dir = RunDir(cfg.train.output_dir)
     run_dir.check_compatible(cfg, resume, overwrite)
-    check_run(cfg)
     if cfg.train.deepspeed:  # every rank runs this function; only rank 0 writes files
         from deepmlf_fast.train.deepspeed_config import deepspeed_config_for
 
@@ -164,8 +168,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) 
     finally:
         logging.getLogger("deepmlf_fast").removeHandler(file_log)
         file_log.close()
-    results["seconds"] = round(time.time() - start, 1)
-    write_json(run_dir.results, results)
+    write_json(run_dir.results, results)  # deterministic: the same command gives the same bytes
+    write_json(run_dir.timing, {"seconds": round(time.time() - start, 1)})
+    log.info("run finished in %.0f s -> %s", time.time() - start, run_dir.results)
     return results
 
 
@@ -189,7 +194,7 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
     done = run_dir.result(seed)
     if done.exists():
         log.info("seed %d already finished (%s)", seed, done)
-        return json.loads(done.read_text())
+        return read_json_file(done, "seed result")
     run_dir.seed(seed).mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     log.info("seed %d", seed)
@@ -198,15 +203,16 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
         if distributed.is_main():  # stage 1 trains the small AV encoder in one process; the others wait
             pretrain_av(
                 cfg, session.loader("train", cfg.pretrain.batch_size, True, seed, shard=False),
-                session.loader("valid", cfg.train.eval_batch_size, False, shard=False), encoder_path, session.device,
-                session.train_ctx.bf16,
+                session.loader("valid", cfg.train.eval_batch_size, False, shard=False), encoder_path,
+                run_dir.stage1(seed), session.device, session.train_ctx.bf16,
             )
         distributed.barrier()
     model = session.new_model(seed)
     if cfg.pretrain.enabled:
         model.load_av_encoder(load_weights(encoder_path))
-    if distributed.rank() > 0:  # each rank draws its own dropout/augmentation noise
-        set_seed(seed + distributed.rank())
+    # Stage 2's random stream starts from the seed whether or not stage 1 ran in this process,
+    # so a run resumed after stage 1 draws exactly what an uninterrupted one draws.
+    set_seed(seed + distributed.rank())  # each rank draws its own dropout/augmentation noise
     train_loader = session.loader("train", cfg.optim.batch_size, True, seed)
     loaders = {"train": train_loader, "valid": session.loader("valid", cfg.train.eval_batch_size, False)}
     engine = make_engine("deepmlf", model, cfg, len(train_loader), run_dir.deepspeed(seed))

@@ -2,8 +2,11 @@
 
     DIR/config.json                      the RunConfig, with what the hardware decided (`resolved`)
     DIR/results.json                     test metrics (mean over seeds) and per-seed details
+    DIR/timing.json                      wall time of the last invocation (kept out of results.json,
+                                         which the same command reproduces byte for byte)
     DIR/train.log
-    DIR/seed_<s>/av_encoder.safetensors  stage-1 AV encoder
+    DIR/seed_<s>/stage1/                 stage 1 in progress: resume point (last/) and best weights
+    DIR/seed_<s>/av_encoder.safetensors  stage-1 AV encoder, written when stage 1 is complete
     DIR/seed_<s>/best.safetensors        best stage-2 weights (only what DeepMLF trains)
     DIR/seed_<s>/last/                   resume point: model.safetensors, optimizer.pt, state.json
     DIR/seed_<s>/deepspeed/              DeepSpeed checkpoints the resume point names
@@ -17,7 +20,6 @@ long as the model is the same; `--overwrite` starts over.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -43,6 +45,10 @@ class RunDir:
         return self.root / "results.json"
 
     @property
+    def timing(self) -> Path:
+        return self.root / "timing.json"
+
+    @property
     def log(self) -> Path:
         return self.root / "train.log"
 
@@ -51,6 +57,9 @@ class RunDir:
 
     def av_encoder(self, seed: int) -> Path:
         return self.seed(seed) / "av_encoder.safetensors"
+
+    def stage1(self, seed: int) -> Path:
+        return self.seed(seed) / "stage1"
 
     def best(self, seed: int) -> Path:
         return self.seed(seed) / "best.safetensors"
@@ -66,9 +75,15 @@ class RunDir:
 
     def read_config(self) -> RunConfig:
         """The saved configuration of a run (CheckpointError when there is none)."""
+        from deepmlf_fast.train.checkpoint import read_json_file
+
         if not self.config.is_file():
             raise CheckpointError(f"{str(self.root)!r} is not a run directory: config.json is missing")
-        return RunConfig.from_dict(json.loads(self.config.read_text()))
+        raw = read_json_file(self.config, "run configuration")
+        try:
+            return RunConfig.from_dict(raw)
+        except ConfigError as e:
+            raise CheckpointError(f"run configuration {str(self.config)!r} is damaged: {e}") from None
 
     def check_compatible(self, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         """Refuse to mix runs (writes nothing): a non-empty directory continues only the same

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepmlf_fast.config import Resolved, RunConfig
+from deepmlf_fast.config import Resolved, RunConfig, validate_config
 from deepmlf_fast.errors import ConfigError
-from deepmlf_fast.train.deepspeed_config import check_parity_supported, resolve_deepspeed_config
+from deepmlf_fast.train.deepspeed_config import resolve_deepspeed_config
 
 import ds_worker
 from ds_worker import ACCUM, BATCHES, MICRO, SEED, WORLD, run_config
@@ -85,7 +85,7 @@ def test_official_parity_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, parity="official"))
     with pytest.raises(ConfigError, match="model.parity: DeepSpeed training needs parity 'corrected'"):
-        check_parity_supported(cfg)
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
