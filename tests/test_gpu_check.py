@@ -1,15 +1,20 @@
-"""What the GPU check relies on that runs without a GPU: the offline tokenizers are reused from
-their saved copies without their asset packages (the GPU image has none)."""
+"""What the GPU check (benchmarks/gpu_check.sh) relies on that runs without a GPU: the offline
+tokenizers are reused from their saved copies without their asset packages (the GPU image has
+none), and the check's scripts parse. The check's dry run runs in CI in an environment of its own
+(.ci/gpu_check_dry_run.sh)."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from deepmlf_fast.backbones import offline
 from deepmlf_fast.errors import BackboneError
 
+REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["a gripping, beautifully acted film", "not the worst movie this year , but close to it", "dull"]
 
 
@@ -46,3 +51,8 @@ def test_without_copy_or_package_the_error_names_the_package(tmp_path, monkeypat
         offline.offline_tokenizer("llama")
     assert not (tmp_path / "tokenizers" / "smollm2").exists()  # nothing half-written
 
+
+@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/gpu_carry.sh", ".ci/gpu_check_dry_run.sh"])
+def test_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
