@@ -5,7 +5,10 @@
 * `tiny-gpt2` / `tiny-llama`: small random-weight models with those tokenizers.
 
 Each is built once into `cache_dir()/backbones/<name>` with `save_pretrained`, atomically,
-and then loaded through exactly the code path a downloaded checkpoint takes.
+and then loaded through exactly the code path a downloaded checkpoint takes. The two
+tokenizers are also saved on their own, in `cache_dir()/tokenizers/<family>` (a few MB):
+a machine that has that folder but not the asset packages (the GPU check's, say) can
+still build the tiny backbones and random-init presets.
 """
 
 from __future__ import annotations
@@ -55,15 +58,39 @@ def smollm2_tokenizer():
     return tok
 
 
+_OFFLINE_TOKENIZERS = {"gpt2-bpe": gpt2_bpe_tokenizer, "smollm2": smollm2_tokenizer}
+# Llama presets without a local checkpoint (random init) stand in with SmolLM2's tokenizer.
+_TOKENIZER_ALIASES = {"llama": "smollm2"}
+
+
+def saved_tokenizer_dir(family: str) -> Path:
+    """Where `offline_tokenizer` keeps its saved copy of a family's tokenizer."""
+    return cache_dir() / "tokenizers" / _TOKENIZER_ALIASES.get(family, family)
+
+
 def offline_tokenizer(family: str):
-    """Tokenizer for a tokenizer family that is available offline ('gpt2-bpe' or 'smollm2')."""
-    if family == "gpt2-bpe":
-        return gpt2_bpe_tokenizer()
-    if family in ("smollm2", "llama"):
-        return smollm2_tokenizer()
-    raise BackboneError(
-        f"tokenizer family {family!r} has no offline copy; provide the backbone directory with its tokenizer files"
-    )
+    """Tokenizer for a tokenizer family that is available offline ('gpt2-bpe', 'smollm2' or 'llama').
+
+    A saved copy in `saved_tokenizer_dir(family)` is used when present. Otherwise the tokenizer
+    is built from its asset package and saved there, atomically, for later calls and for
+    machines that get only that folder. A saved copy is a `save_pretrained` /
+    `from_pretrained` round trip: same class, vocabulary, special and pad tokens (the round
+    trip every built backbone's tokenizer takes too). Delete the folder to rebuild it.
+    """
+    name = _TOKENIZER_ALIASES.get(family, family)
+    if name not in _OFFLINE_TOKENIZERS:
+        raise BackboneError(
+            f"tokenizer family {family!r} has no offline copy; provide the backbone directory with its tokenizer files"
+        )
+    saved = saved_tokenizer_dir(name)
+    if (saved / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved, local_files_only=True)
+    tok = _OFFLINE_TOKENIZERS[name]()
+    with atomic_dir(saved) as tmp:
+        tok.save_pretrained(tmp)
+    return tok
 
 
 def built_dir(name: str) -> Path:
