@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -336,12 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool) -> None:
+    """Log to stdout (INFO, or WARNING when `quiet`); quiet also silences progress bars, so
+    stderr carries nothing but warnings and errors."""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
     for noisy in ("transformers", "DeepSpeed", "deepspeed", "torch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when a bar is created
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

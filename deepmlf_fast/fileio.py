@@ -98,7 +98,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(_old(path), ignore_errors=True)
             os.replace(path, _old(path))
             fsync_path(path.parent)
-            pause_point("between-renames")
+            pause_point(f"replace-{path.parent.name}/{path.name}")
             os.replace(tmp, path)
             fsync_path(path.parent)
             shutil.rmtree(_old(path), ignore_errors=True)
