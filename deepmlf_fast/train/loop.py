@@ -2,9 +2,13 @@
 
 Every epoch ends with a validation pass, a best-checkpoint write when the key metric
 improved (by more than 1e-6, like the official trainer), and a resume point, so an
-interrupted run continues from its last completed epoch. Training stops after
-`early_stop` epochs without improvement or at `max_epochs`, then the best weights are
-reloaded.
+interrupted run continues from its last completed epoch (the epoch in progress is redone).
+Training stops after `early_stop` epochs without improvement or at `max_epochs`, then the
+best weights are reloaded.
+
+The history of every epoch (loss terms, validation metrics, learning rate, the gate values of
+every MM block, wall time) is kept in the resume point's state and handed to an optional
+`Recorder` (TensorBoard, reports), which also sees the running loss every `log_every` steps.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +24,7 @@ from tqdm.auto import tqdm
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.train import distributed
 from deepmlf_fast.fileio import pause_point
+from deepmlf_fast.ops.gate import gate_value
 from deepmlf_fast.train.checkpoint import (
     TrainState,
     load_resume,
@@ -34,12 +40,35 @@ from deepmlf_fast.train.step import StepContext, forward_step
 log = logging.getLogger(__name__)
 
 
-def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: int) -> dict[str, float]:
+class Recorder(Protocol):
+    """Receives training progress (rank 0 only)."""
+
+    def step(self, step: int, losses: dict[str, float], lr: float, seconds_per_step: float,
+             samples_per_s: float) -> None:
+        """Every `log_every` micro-batches: running means of the loss terms since the last call."""
+
+    def epoch(self, entry: dict) -> None:
+        """After every epoch: its history entry (see `fit`)."""
+
+
+def gate_values(state: dict[str, torch.Tensor], gate: str) -> dict[str, dict[str, float]]:
+    """The attention and FFN gate values of every MM block, read from a trained state dict."""
+    out: dict[str, dict[str, float]] = {}
+    for key, alpha in state.items():
+        if key.startswith("mm_blocks.") and key.endswith(".gate.alpha"):
+            _, block, half = key.split(".")[:3]
+            out.setdefault(block, {})["attn" if half == "xattn" else "ffn"] = gate_value(alpha.float(), gate).mean().item()
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: int,
+                recorder: Recorder | None = None) -> dict[str, float]:
     """One pass over the training loader; -> mean of each loss part."""
     model.train()
     loader.sampler.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
-    n = 0
+    window: dict[str, torch.Tensor] = {}
+    n, samples, tick = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
     for batch in bar:
         step = forward_step(model, batch, ctx)
@@ -49,18 +78,29 @@ def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: 
         parts = dict(step.parts, total=step.loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v
+            window[k] = window.get(k, 0) + v
         n += 1
-        if n % cfg.train.log_every == 0:
+        samples += len(batch)
+        if n % cfg.train.log_every == 0:  # the only reads of device values inside an epoch
+            seconds = time.perf_counter() - tick
+            losses = {k: float(v) / cfg.train.log_every for k, v in window.items()}
             bar.set_postfix(loss=f"{float(sums['total']) / n:.4f}", lr=f"{engine.lr:.2e}")
+            if recorder is not None:
+                recorder.step(epoch * len(loader) + n, losses, engine.lr, seconds / cfg.train.log_every,
+                              samples / seconds)
+            window, samples, tick = {}, 0, time.perf_counter()
     engine.end_epoch()
     return {k: float(v) / max(n, 1) for k, v in sums.items()}
 
 
 def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx: StepContext,
-        eval_ctx: StepContext) -> TrainState:
+        eval_ctx: StepContext, recorder: Recorder | None = None) -> TrainState:
     """Train until early stopping; leaves the best weights loaded. Resumes from
     `seed_dir/last` when it exists. In a distributed run every rank calls it (`model` is
-    `engine.wrap(model)`); train losses are averaged over ranks and only rank 0 writes."""
+    `engine.wrap(model)`); train losses are averaged over ranks and only rank 0 writes.
+
+    History entry of an epoch: `epoch`, `train` (mean of each loss term), `valid` (metrics),
+    `lr`, `gates` (`{block: {"attn": g, "ffn": g}}`), `seconds`."""
     key = cfg.optim.key_metric
     state = TrainState()
     last, best_path = seed_dir / "last", seed_dir / "best.safetensors"
@@ -76,7 +116,8 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx:
                  "when the run stopped is redone", last, state.epoch, key, state.best_metric, state.best_epoch + 1)
     while state.epoch < cfg.optim.max_epochs and not _stopped(state, cfg.optim.early_stop):
         start = time.time()
-        train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch))
+        train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch,
+                                                       recorder if distributed.is_main() else None))
         valid = evaluate(model, loaders["valid"], cfg.data.dataset, eval_ctx, desc="valid")
         improved = valid[key] < state.best_metric - 1e-6
         if improved:
@@ -84,11 +125,15 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx:
             best = engine.model_state(model)
             if distributed.is_main():
                 save_weights(best, best_path)
-        state.history.append({"epoch": state.epoch + 1, "train": train, "valid": valid, "lr": engine.lr})
-        state.epoch += 1
         engine_state, model_state = engine.state_dict(), engine.model_state(model)
+        entry = {"epoch": state.epoch + 1, "train": train, "valid": valid, "lr": engine.lr,
+                 "gates": gate_values(model_state, cfg.model.fusion.gate), "seconds": round(time.time() - start, 2)}
+        state.history.append(entry)
+        state.epoch += 1
         if distributed.is_main():
             save_resume(last, model_state, engine_state, state)
+            if recorder is not None:
+                recorder.epoch(entry)
         shown = "".join(f" {k} {valid[k]:.4f}" for k in dict.fromkeys((key, "MAE", "Corr")))
         log.info(
             "epoch %d | train loss %.4f | valid%s%s | lr %.2e | %.0fs",
