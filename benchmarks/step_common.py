@@ -12,6 +12,7 @@ process) and the parity sanity test.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -186,13 +187,40 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[PAD]")
 
 
-def disable_dropout(module: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (nn.Dropout modules and the LM config's attention dropout)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
-            m.attention_dropout = 0.0
+@contextlib.contextmanager
+def no_randomness(module: torch.nn.Module):
+    """Every dropout and SoftPerm probability at 0 inside the block, restored after: `p` of
+    nn.Dropout / SoftPerm, the `dropout` of nn.MultiheadAttention and of the fused cross-attention
+    layers, the LM's `attention_dropout`. The forward then depends only on the weights and the
+    batch, so two implementations can be compared on it."""
+    saved = [(m, name, getattr(m, name)) for m in module.modules() for name in ("p", "dropout", "attention_dropout")
+             if isinstance(getattr(m, name, None), float)]
+    for m, name, _ in saved:
+        setattr(m, name, 0.0)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+PARITY_PARAMS = {"ours": ("fusion_tokens.weight", "xattn.q_proj.weight"), "official": ("fusion_tokens", "xattn.w_q.weight")}
+"""The same two tensors in each implementation: the fusion tokens, and the first MM block's query projection."""
+
+
+def parity_values(provider: str, module, cfg: ModelConfig, batch: StepBatch, precision: str = "fp32") -> dict:
+    """Loss terms and two gradients of one deterministic training forward + backward (no dropout,
+    no SoftPerm): what both step implementations must agree on. Leaves no gradients behind."""
+    kind = "ours" if provider.startswith("ours") else "official"
+    tokens, q_proj = PARITY_PARAMS[kind]
+    first = str(min(int(i) for i in module.mm_blocks))
+    params = {"fusion_tokens": module.get_parameter(tokens), "mm_q_proj": module.mm_blocks[first].get_parameter(q_proj)}
+    with no_randomness(module):
+        loss, parts, _ = forward_loss(provider, module, cfg, batch, bf16=precision == "bf16")
+        grads = torch.autograd.grad(loss, list(params.values()))
+    out = {f"loss_{k}": float(v) for k, v in parts.items()}
+    out.update({f"grad_{name}": g.float().cpu().tolist() for name, g in zip(params, grads)})
+    return out
 
 
 def build_provider(provider: str, cfg: ModelConfig, device, attn_implementation: str = "sdpa",

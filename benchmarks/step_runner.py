@@ -11,6 +11,8 @@ What is measured (after building the model and the batch, and `gc.collect()`):
   `--steps` timed steps, each bracketed by `perf_counter` (with `torch.cuda.synchronize()` on CUDA).
   Wall-clock is right here: a step takes milliseconds to seconds, and the official pattern's host
   work (tokenisation) is part of what it costs.
+* parity: before anything is timed, one deterministic forward + backward (no dropout, no
+  SoftPerm) records the loss terms and two gradients, which the test compares across providers;
 * FLOPs: deepmlf-fast's exact count of its step (`flops.deepmlf_step_flops`), or for the
   official style what PyTorch counts while one more step runs (`flops.counted_flops`); the
   achieved FLOP/s over the median step time, next to the measured rate of the step's dominant
@@ -46,6 +48,7 @@ from step_common import (  # noqa: E402
     build_provider,
     make_batch,
     make_train_step,
+    parity_values,
     proc_status_mb,
     reset_peak_rss,
     write_json,
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
                                        precision=step_cfg.precision)
     module.train()
     batch = make_batch(run_cfg, tok, step_cfg.batch, device)
+    parity = parity_values(args.provider, module, cfg, batch, step_cfg.precision)
     step = make_train_step(args.provider, module, cfg, batch, precision=step_cfg.precision)
     build_s = time.perf_counter() - t0
     gc.collect()
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
         "rss_after_build_mb": base_mb if not cuda else None, "build_s": build_s, "losses": losses,
         "tokens_per_step": tokens, "text_source": batch.text_source, "attn": args.attn, "note": note,
         "threads": torch.get_num_threads(), "flops": flops, "achieved_flops_per_s": flops / median,
-        "gemm_flops_per_s": gemm, "fraction_of_gemm": flops / median / gemm,
+        "gemm_flops_per_s": gemm, "fraction_of_gemm": flops / median / gemm, "parity": parity,
     })
     return 0
 

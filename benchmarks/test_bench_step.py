@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 PROVIDERS = ("official", "ours", "ours_recompute")
 
 _PEAKS: dict[tuple[str, str], float] = {}
+_PARITY: dict[tuple[str, str], dict] = {}
 
 
 def _run_provider(step_config: StepConfig, provider: str, bench_env, tmp_path: Path) -> dict:
@@ -79,6 +80,10 @@ def test_training_step(step_config: StepConfig, provider: str, bench_env, record
     timing = harness.Timing([t * 1e6 for t in res["times_s"]], "wall-clock")
     assert res["flops"] > 0 and 0 < res["fraction_of_gemm"], res
     _PEAKS[(step_config.name, provider)] = res["peak_mb"]
+    _PARITY[(step_config.name, provider)] = res["parity"]
+    reference = _PARITY.get((step_config.name, "official"))
+    if provider.startswith("ours") and reference is not None:
+        _assert_same_step(res["parity"], reference, step_config.precision)
     notes = [
         f"B={res['batch']} F={res['n_fusion']} mm={len(res['mm_layers'])} clm={res['w_clm']:g}",
         f"tokens/step={res['tokens_per_step']}", f"mem={res['mem_method']}", f"text={res['text_source']}",
@@ -95,6 +100,23 @@ def test_training_step(step_config: StepConfig, provider: str, bench_env, record
         timing, suite=SUITE, provider=provider, mode="train_step", shape=shape, dtype=res["dtype"],
         device=bench_env.device.name, peak=None, peak_mem_mb=res["peak_mb"], note="; ".join(n for n in notes if n),
     ))
+
+
+def _assert_same_step(ours: dict, official: dict, precision: str) -> None:
+    """Both providers compute the same training step: equal loss terms and gradients on the
+    deterministic parity forward (tolerances as `test_bench_step_parity.py`; bf16 runs compare
+    two bf16 roundings of a 30-block LM, so 2e-2)."""
+    import torch
+
+    loose = precision == "bf16"
+    assert ours.keys() == official.keys(), (sorted(ours), sorted(official))
+    for key in ours:
+        a, b = torch.tensor(ours[key]), torch.tensor(official[key])
+        if key.startswith("loss_"):
+            torch.testing.assert_close(a, b, rtol=2e-2 if loose else 1e-5, atol=2e-2 if loose else 3e-6, msg=key)
+        else:
+            scale = b.abs().max().item() + 1e-12
+            assert (a - b).abs().max().item() <= (5e-2 if loose else 1e-3) * scale, key
 
 
 def _finite(x: float) -> bool:

@@ -25,7 +25,7 @@ import torch
 from baselines.official_deepmlf import OfficialStyleDeepMLF
 from deepmlf_fast.errors import BackboneError
 from shapes import StepConfig, step_run_config
-from step_common import build_ours, disable_dropout, forward_loss, make_batch
+from step_common import build_ours, forward_loss, make_batch, no_randomness
 
 CASES = [("tiny-gpt2", "sdpa"), ("tiny-gpt2", "eager"), ("tiny-llama", "sdpa")]
 
@@ -52,13 +52,13 @@ def test_official_style_matches_deepmlf_fast(backbone, attn):
         pytest.skip(f"{backbone}: {exc}")
     official = OfficialStyleDeepMLF.from_deepmlf(ours, tok, attn_implementation=attn)
     for m in (ours, official):
-        disable_dropout(m)
         m.train()
     batch = make_batch(run_cfg, tok, 6, "cpu")
     assert int(batch.lengths.min()) < cfg.text.max_tokens  # padding is really exercised
 
-    loss_a, parts_a, out_a = forward_loss("ours", ours, cfg, batch)
-    loss_b, parts_b, out_b = forward_loss("official", official, cfg, batch)
+    with no_randomness(ours), no_randomness(official):  # the LM's own dropouts too
+        loss_a, parts_a, out_a = forward_loss("ours", ours, cfg, batch)
+        loss_b, parts_b, out_b = forward_loss("official", official, cfg, batch)
     assert set(parts_a) == set(parts_b) == {"task", "fusion", "av", "text", "clm"}
     for k in parts_a:
         torch.testing.assert_close(parts_a[k], parts_b[k], rtol=1e-5, atol=3e-6, msg=lambda m: f"loss part {k}: {m}")

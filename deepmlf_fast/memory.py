@@ -244,3 +244,30 @@ def _activations(cfg: RunConfig, c, batch: int, text_len: int, act: int, mm_act:
     lines.append(Line("activations: embeddings, AV encoder, heads", other, "packing, final norm, AV encoder, heads"))
     lines.append(Line("backward workspace (transient)", rows * per_row, "about one backbone block's activations"))
     return lines
+
+
+README_SETTINGS: tuple[tuple[str, str, dict, int, int], ...] = (
+    ("fp32", "stored", {}, 2, 1),
+    ("bf16 autocast", "stored", {"train.precision": "bf16"}, 2, 1),
+    ("bf16 autocast", "`--recompute-lm-blocks`", {"train.precision": "bf16", "model.recompute_lm_blocks": True}, 2, 1),
+    ("bf16, ZeRO-3 on 8 GPUs", "stored", {"train.precision": "bf16"}, 3, 8),
+)
+"""The README's Llama-7B rows: (precision label, activations label, overrides, ZeRO stage, GPUs)."""
+
+
+def readme_table() -> str:
+    """The README's Markdown table of per-GPU estimates for Llama-7B in LLM.int8 with the MOSEI
+    recipe at batch 32 (what `deepmlf estimate-memory` prints as `total`), generated here so the
+    README cannot drift from the code (tests/test_memory.py checks it)."""
+    from deepmlf_fast.config import apply_overrides
+    from deepmlf_fast.presets import adapt_to_backbone, recipe
+
+    base = apply_overrides(adapt_to_backbone(recipe("mosei-gpt2"), "llama-7b"),
+                           {"model.load_in_8bit": True, "optim.batch_size": 32})
+    counts = count_parameters(base)
+    lines = ["| precision | activations | total estimate |", "|---|---|---|"]
+    for precision, activations, overrides, zero, gpus in README_SETTINGS:
+        cfg = apply_overrides(base, overrides)
+        est = estimate_memory(cfg, zero=zero, gpus=gpus, counts=counts)
+        lines.append(f"| {precision} | {activations} | {est.total / GIB:.1f} GiB |")
+    return "\n".join(lines)

@@ -102,4 +102,46 @@ def test_cli_prints_the_llama_7b_table(capsys):
     assert "6.48B params, int8 weights" in out and "262M params" in out  # 6,476 + 262 = 6,738M: Llama-7B
     assert "ZeRO-2" in out and "assumptions:" in out
     total = float(next(line for line in out.splitlines() if line.startswith("total (estimate)")).split()[2])
-    assert 20 < total < 80, out
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert total == pytest.approx(sum(float(lines[k][len(k):].split()[0]) for k in lines
+                                      if k.startswith(("frozen", "trained", "gradients", "fp32", "Adam", "ZeRO",
+                                                       "activations", "causal", "backward"))), abs=0.05)
+
+
+def test_llama_7b_parameter_lines_equal_a_formula_from_the_architecture():
+    """Llama-7B (D 4096, FFN 11008, 32 blocks, vocab 32000) + the MOSEI recipe (7 MM blocks, 12
+    fusion tokens, AV width 30): every parameter line of the ZeRO-2 int8 estimate, from counts
+    written out here."""
+    from deepmlf_fast.config import apply_overrides
+    from deepmlf_fast.presets import adapt_to_backbone, recipe
+
+    cfg = apply_overrides(adapt_to_backbone(recipe("mosei-gpt2"), "llama-7b"),
+                          {"model.load_in_8bit": True, "optim.batch_size": 32, "train.precision": "bf16"})
+    d, ffn, blocks, vocab, dav = 4096, 11008, 32, 32000, 30
+    linears = blocks * (4 * d * d + 3 * d * ffn)
+    rows = blocks * (4 * d + 2 * ffn + d)  # q, k, v, o outputs; gate, up outputs; down output
+    other = 2 * vocab * d + blocks * 2 * d + d  # embeddings, LM head, two norms per block, final norm
+    n_mm = len(cfg.model.fusion.mm_layers)
+    mm_block = (2 * d * d + 2 * d * dav + d + 1) + (3 * d * ffn + d + 1)  # cross-attention + gated FFN (norm, gate)
+    av = cfg.model.av
+    layer = 4 * dav * dav + 4 * dav + 2 * dav * av.ff_mult * dav + av.ff_mult * dav + dav + 4 * dav
+    av_encoder = (av.audio_dim + av.vision_dim) * dav + 2 * av.n_layers * layer + 2 * dav * dav + dav
+    heads = (d + 1) * 2 + (dav + 1) + (2 * d + dav + 1) * 64 + 2 * 64 + 64 + 1
+    trained = n_mm * mm_block + 12 * d + av_encoder + 2 * dav + heads
+    est = estimate_memory(cfg, zero=2, gpus=1)
+    gpu = {line.name: line.bytes for line in est.gpu}
+    assert gpu["frozen backbone: decoder linears"] == linears + 4 * rows
+    assert gpu["frozen backbone: embeddings, head, norms"] == 2 * other  # bf16
+    assert gpu["trained parameters"] == 4 * trained
+    assert gpu["gradients"] == 4 * trained and gpu["fp32 master weights"] == 4 * trained
+    assert gpu["Adam moments"] == 8 * trained and gpu["ZeRO buckets"] == 2 * 5e7 * 4
+    assert est.total == pytest.approx(sum(gpu.values()))
+
+
+def test_readme_table_is_the_generated_one():
+    from pathlib import Path
+
+    from deepmlf_fast.memory import readme_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert readme_table() in readme, "README's Llama-7B estimate table is stale: paste memory.readme_table()"

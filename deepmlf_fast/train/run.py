@@ -97,6 +97,9 @@ class Session:
         self.device = device
         cfg = dataclasses.replace(cfg, resolved=resolve_run(cfg, device))
         self.data = data if data is not None else load_run_data(cfg)
+        zeroed = sum(self.data.split(name).zeroed_neg_inf for name in SPLITS)
+        if zeroed:
+            log.info("%s: %d -inf feature values replaced by 0, as MMSA's loaders do", self.data.source, zeroed)
         self.cfg = with_data_dims(cfg, self.data)
         r, m = self.cfg.resolved, self.cfg.model
         self.backbone = load_backbone(m.backbone, dtype=DTYPES[r.precision], load_in_8bit=m.load_in_8bit,

@@ -197,10 +197,17 @@ def test_zero_stage_resumes_to_the_same_weights_and_losses(stage, runs):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("run", ["zero3_8bit", "zero2_4bit"])
-def test_quantized_backbone_stays_replicated(run, runs):
-    """LLM.int8 weights cannot be partitioned by ZeRO-3: the backbone (8-bit or 4-bit) stays
-    outside the engine, replicated on every rank, and only DeepMLF's trained tensors are
-    partitioned (asserted in the ranks by `ds_worker._check_placement`)."""
-    results = json.loads((runs / run / "q" / "results.json").read_text())
-    assert results["MAE"] == results["MAE"]
+@pytest.mark.parametrize("run, tol", [("zero3_8bit", 0.02), ("zero2_4bit", 0.1)])
+def test_quantized_backbone_trains_like_the_dense_one(run, tol, runs):
+    """The backbone (8-bit or 4-bit) stays outside the engine, replicated on every rank, and only
+    DeepMLF's trained tensors are partitioned (asserted in the ranks by `ds_worker._check_placement`);
+    the quantized run ends close to the same run with the dense backbone.
+
+    Tolerance: LLM.int8 reproduces the tiny backbone's logits to ~1e-2 and NF4 to ~0.1 (see
+    tests/train/test_quantize.py); one epoch of training on top moves the test metrics by less
+    than that, while a broken quantized path (unscaled int8 weights, a backbone left out of the
+    forward) moves MAE by whole units on this [-3, 3] scale."""
+    quant = json.loads((runs / run / "q" / "results.json").read_text())
+    dense = json.loads((runs / run / "dense" / "results.json").read_text())
+    for key in ("MAE", "MAE_text", "MAE_fusion", "Corr"):
+        assert quant[key] == pytest.approx(dense[key], abs=tol), (key, quant[key], dense[key])
