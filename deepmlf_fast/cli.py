@@ -108,10 +108,11 @@ def run_config_from_args(args: argparse.Namespace):
     --set. Reads only configuration files (and a backbone's config for --backbone)."""
     from deepmlf_fast.config import RunConfig, apply_overrides, parse_value
     from deepmlf_fast.errors import ConfigError
+    from deepmlf_fast.fileio import read_json
     from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset
 
     if args.config:
-        cfg = RunConfig.from_dict(read_json(args.config, "--config"))
+        cfg = RunConfig.from_dict(read_json(args.config, "--config", ConfigError))
     elif args.preset:
         cfg = recipe(args.preset)
     elif args.data is None:
@@ -142,19 +143,6 @@ def run_config_from_args(args: argparse.Namespace):
             raise ConfigError(f"--set: expected PATH=VALUE like fusion.dropout=0.2, found {item!r}")
         changes[path.strip()] = parse_value(path.strip(), text)
     return apply_overrides(cfg, changes)
-
-
-def read_json(path: str, what: str):
-    """A JSON file's content, or a ConfigError naming the file and what is wrong with it."""
-    from deepmlf_fast.errors import ConfigError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what}: file {str(p)!r} does not exist")
-    try:
-        return json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{what}: {str(p)!r} is not valid JSON ({e})") from None
 
 
 def cmd_train(args) -> int:

@@ -149,3 +149,15 @@ def _nan_to_none(obj):
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[Exception]):
+    """A JSON file's content; `error` (a DeepMLFError subclass) naming `what` and the file when
+    it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {str(path)!r} is damaged (not valid JSON: {e})") from None

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deepmlf_fast.errors import CheckpointError
-from deepmlf_fast.fileio import atomic_dir, atomic_path, recover_dir
+from deepmlf_fast.fileio import atomic_dir, atomic_path, read_json, recover_dir
 
 FORMAT = "deepmlf-fast/1"
 
@@ -42,17 +42,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {str(path)!r} is damaged (truncated or not safetensors): {e}") from None
-
-
-def read_json_file(path: str | Path, what: str):
-    """A run file's JSON content; CheckpointError naming the file when missing or damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{what} {str(path)!r} is damaged (not valid JSON: {e})") from None
 
 
 def _load_torch(path: Path, what: str):
@@ -132,7 +121,7 @@ def load_resume(folder: str | Path, state_cls=TrainState) -> tuple[dict, dict, d
     if not isinstance(extra, dict) or not {"engine", "rng"} <= set(extra):
         raise CheckpointError(f"optimizer state {str(folder / 'optimizer.pt')!r} is damaged: expected engine and rng "
                               f"entries, found {sorted(extra) if isinstance(extra, dict) else type(extra).__name__}")
-    raw = read_json_file(folder / "state.json", "resume state")
+    raw = read_json(folder / "state.json", "resume state", CheckpointError)
     try:
         state = state_cls(**raw)
     except TypeError as e:

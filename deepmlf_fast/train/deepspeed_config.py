@@ -26,13 +26,13 @@ master copy; it is refused (`bf16.enabled` must be false or "auto"), as is `fp16
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.errors import ConfigError
+from deepmlf_fast.fileio import read_json
 
 AUTO = "auto"
 OPTIMIZER_TYPES = ("adam", "adamw")
@@ -40,13 +40,7 @@ OPTIMIZER_TYPES = ("adam", "adamw")
 
 def load_deepspeed_config(path: str | Path) -> dict:
     """Read a DeepSpeed JSON config, with clear errors for a missing or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"train.deepspeed: config file {str(path)!r} does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.deepspeed: {str(path)!r} is not valid JSON ({e})") from None
+    raw = read_json(path, "train.deepspeed: config file", ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"train.deepspeed: {str(path)!r} must hold a JSON object, found {type(raw).__name__}")
     return raw

@@ -28,14 +28,14 @@ from deepmlf_fast.config import RunConfig, validate_config
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
-from deepmlf_fast.fileio import cache_dir, write_json
+from deepmlf_fast.fileio import cache_dir, read_json, write_json
 from deepmlf_fast.hardware import DTYPES, resolve_device, resolve_run
 from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
 from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF, check_model_config
 from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.train import distributed
-from deepmlf_fast.train.checkpoint import load_weights, read_json_file
+from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.engine import make_engine
 from deepmlf_fast.train.evaluate import evaluate
 from deepmlf_fast.train.loop import fit
@@ -197,7 +197,7 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
     done = run_dir.result(seed)
     if done.exists():
         log.info("seed %d already finished (%s)", seed, done)
-        return read_json_file(done, "seed result")
+        return read_json(done, "seed result", CheckpointError)
     run_dir.seed(seed).mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     log.info("seed %d", seed)

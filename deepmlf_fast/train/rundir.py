@@ -26,6 +26,7 @@ from pathlib import Path
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.errors import CheckpointError, ConfigError
+from deepmlf_fast.fileio import read_json
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,9 @@ class RunDir:
 
     def read_config(self) -> RunConfig:
         """The saved configuration of a run (CheckpointError when there is none)."""
-        from deepmlf_fast.train.checkpoint import read_json_file
-
         if not self.config.is_file():
             raise CheckpointError(f"{str(self.root)!r} is not a run directory: config.json is missing")
-        raw = read_json_file(self.config, "run configuration")
+        raw = read_json(self.config, "run configuration", CheckpointError)
         try:
             return RunConfig.from_dict(raw)
         except ConfigError as e:
