@@ -120,8 +120,8 @@ class FusionConfig:
 
     n_tokens: int = 8
     mm_layers: tuple[int, ...] = ()
-    """0-based LM blocks after which an MM block runs. Empty: derived from the backbone
-    (see `presets.scale_mm_layers`)."""
+    """0-based LM blocks after which an MM block runs (at least one; every recipe sets them, and
+    `presets.adapt_to_backbone` moves them to another backbone's depth)."""
     n_heads: int = 16
     ffn_all_rows: bool = True
     """The MM FFN runs on every row, text and fusion (True: the official `combine`, every
