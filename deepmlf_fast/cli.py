@@ -167,11 +167,11 @@ def cmd_train(args) -> int:
 
     cfg = run_config_from_args(args)
     train_run(cfg, resume=args.resume, overwrite=args.overwrite)
-    main = distributed.is_main()  # read before leaving the process group, after which every rank is "0"
-    if main:
+    writer = distributed.is_main()  # read before leaving the process group, after which every rank is "0"
+    if writer:
         print(f"results: {Path(cfg.train.output_dir) / 'results.json'}")
     distributed.shutdown()
-    if main and not args.no_report:
+    if writer and not getattr(args, "no_report", False):  # train.py's parser has no --no-report
         report = report_after_training(cfg.train.output_dir, cfg.train.device)
         if report is not None:
             print(f"report: {report} (and report.html)")
