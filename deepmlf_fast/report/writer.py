@@ -30,7 +30,6 @@ import numpy as np
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.errors import CheckpointError
 from deepmlf_fast.fileio import write_text_atomic
-from deepmlf_fast.metrics import METRIC_KEYS
 from deepmlf_fast.report.document import Doc
 from deepmlf_fast.train.checkpoint import read_json_file
 from deepmlf_fast.train.rundir import RunDir
