@@ -1,10 +1,13 @@
-"""`deepmlf` command line: train | eval | predict | make-synthetic | convert-data | estimate-memory | presets | env.
+"""`deepmlf` command line: train | eval | predict | report | sweep | make-synthetic | convert-data |
+estimate-memory | presets | env.
 
     deepmlf train                                   # embedded default: synthetic MOSI + SmolLM2-135M
     deepmlf train --data unaligned_50.pkl --dataset mosi --backbone gpt2 --output-dir runs/mosi
     deepmlf train --preset mosei-gpt2-large --data mosei/unaligned_50.pkl
     deepmlf eval --run runs/mosi [--data other.pkl] [--split test]
-    deepmlf predict --run runs/mosi --out predictions.csv
+    deepmlf predict --run runs/mosi --out predictions.csv [--data new_samples.pkl]
+    deepmlf report runs/mosi [runs/mosi-8tok ...] [--out DIR]
+    deepmlf sweep --grid fusion.n_tokens=4,8,12,20 --grid fusion.mm_layers=depth:1,3,5,7 --output-dir sweeps/mosi
     deepmlf estimate-memory --backbone llama-7b --dataset mosei --load-in-8bit --zero 2 --batch-size 32
     deepmlf env                                     # versions, device, what --precision auto picks here
 """
@@ -146,14 +149,47 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
+    from deepmlf_fast.report import report_after_training
     from deepmlf_fast.train import distributed
     from deepmlf_fast.train.run import train_run
 
     cfg = run_config_from_args(args)
     train_run(cfg, resume=args.resume, overwrite=args.overwrite)
-    if distributed.is_main():
+    writer = distributed.is_main()  # read before leaving the process group, after which every rank is "0"
+    if writer:
         print(f"results: {Path(cfg.train.output_dir) / 'results.json'}")
     distributed.shutdown()
+    if writer and not getattr(args, "no_report", False):  # train.py's parser has no --no-report
+        report = report_after_training(cfg.train.output_dir, cfg.train.device)
+        if report is not None:
+            print(f"report: {report} (and report.html)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from deepmlf_fast.report.sweep import run_sweep
+    from deepmlf_fast.train import distributed
+
+    cfg = run_config_from_args(args)
+    sweep_dir = Path(args.output_dir) if args.output_dir else Path("sweeps") / Path(cfg.train.output_dir).name
+    summary = run_sweep(cfg, args.grid, sweep_dir, resume=args.resume, overwrite=args.overwrite)
+    if distributed.is_main():
+        print(f"summary: {sweep_dir / 'summary.md'} ({len(summary['cells'])} cells)")
+    distributed.shutdown()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from deepmlf_fast.errors import ConfigError
+    from deepmlf_fast.report import matplotlib_available
+    from deepmlf_fast.report.writer import write_report
+
+    if not matplotlib_available():
+        raise ConfigError("deepmlf report needs matplotlib: pip install 'deepmlf-fast[report]'")
+    if args.attention_samples < 1:
+        raise ConfigError(f"--attention-samples: expected an integer >= 1, found {args.attention_samples}")
+    out = write_report(args.runs, args.out, seed=args.seed, n_attention=args.attention_samples, device=args.device)
+    print(f"written {out} and {out.with_suffix('.html')}")
     return 0
 
 
@@ -176,12 +212,12 @@ def cmd_estimate_memory(args) -> int:
     return 0
 
 
-def _trained_split(args):
+def _trained_split(args, require_labels: bool = True):
     """-> (session, model, loader) for `eval`/`predict` on the requested split."""
     from deepmlf_fast.hardware import resolve_device
     from deepmlf_fast.train.run import load_run
 
-    session, model = load_run(args.run, resolve_device(args.device), args.seed, args.data)
+    session, model = load_run(args.run, resolve_device(args.device), args.seed, args.data, require_labels)
     return session, model, session.loader(args.split, session.cfg.train.eval_batch_size, False)
 
 
@@ -202,18 +238,24 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from deepmlf_fast.fileio import atomic_path
-    from deepmlf_fast.train.evaluate import predict
+    from deepmlf_fast.report.classes import class_names, sentiment_classes
+    from deepmlf_fast.train.evaluate import HEADS, predict
 
-    session, model, loader = _trained_split(args)
+    session, model, loader = _trained_split(args, require_labels=False)
     p = predict(model, loader, session.eval_ctx, desc=args.split)
     ids = session.data.split(args.split).ids
-    heads = ("pred", "pred_text", "pred_av", "pred_fusion")
+    dataset = session.cfg.data.dataset
+    names = class_names(dataset)
+    label_class, pred_class = sentiment_classes(p["labels"], dataset), sentiment_classes(p["pred"], dataset)
     out = Path(args.out or Path(args.run) / f"predictions_{args.split}.csv")
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "label", *heads])
+        w.writerow(["id", "label", "label_class", *HEADS, "pred_class"])
         for i in range(len(p["pred"])):
-            w.writerow([ids[int(p["index"][i])], f"{p['labels'][i]:.6g}", *(f"{p[h][i]:.6g}" for h in heads)])
+            labelled = label_class[i] >= 0  # unlabeled samples (NaN labels) leave both label columns empty
+            w.writerow([ids[int(p["index"][i])], f"{p['labels'][i]:.6g}" if labelled else "",
+                        names[label_class[i]] if labelled else "", *(f"{p[h][i]:.6g}" for h in HEADS),
+                        names[pred_class[i]]])
     print(f"written {out} ({len(p['pred'])} rows)")
     return 0
 
@@ -260,6 +302,22 @@ def cmd_env(args) -> int:
     return 0
 
 
+PREDICT_DESCRIPTION = """\
+Write one CSV row per sample: id, label, label_class, pred (the multimodal prediction),
+pred_text, pred_av, pred_fusion (each head's; fusion: mean over the fusion tokens) and
+pred_class. --data may hold new samples without regression_labels (label and label_class
+are then empty), and need hold only the split it is predicted on.
+
+Classes, as MMSA rounds scores for Mult_acc_7 (MOSI, MOSEI) and Mult_acc_5 (SIMS):
+  MOSI/MOSEI: round(clip(score, -3, 3)), halves to even:
+    strongly negative < -2.5 <= negative <= -1.5 < weakly negative < -0.5 <= neutral <= 0.5
+    < weakly positive < 1.5 <= positive <= 2.5 < strongly positive
+  SIMS: clip(score, -1, 1), right-closed intervals:
+    negative [-1, -0.7], weakly negative (-0.7, -0.1], neutral (-0.1, 0.1],
+    weakly positive (0.1, 0.7], positive (0.7, 1]
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepmlf", description="DeepMLF multimodal sentiment analysis")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -268,11 +326,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train DeepMLF (both curriculum stages, every seed)")
     _add_train_args(p)
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the report (report.md/.html) written at the end when matplotlib is installed")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="train a grid of configurations x seeds; summary table and ablation plots",
+                       description="Train one run per point of a grid over configuration fields, one after "
+                                   "another, into OUTPUT_DIR/<cell>/ (default sweeps/<preset>); finished cells "
+                                   "are skipped, so rerunning the command resumes the sweep. Takes every `train` "
+                                   "argument (they set the base configuration of every cell; --seeds sets each "
+                                   "cell's seeds) plus --grid.")
+    _add_train_args(p)
+    p.add_argument("--grid", action="append", required=True, metavar="PATH=VALUES",
+                   help="a grid field and its values: fusion.n_tokens=4,8,12 (comma-separated); tuple fields "
+                        "separate values with ';': 'fusion.mm_layers=3,5;5,7'; fusion.mm_layers=depth:1,3,5 "
+                        "places k MM blocks evenly from the recipe's first MM block to the last LM block "
+                        "(repeatable: the grid is the product)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="write report.md and report.html (plots, metrics, setup) of finished runs",
+                       description="Metric table (runs side by side), predicted-vs-true scatter, confusion "
+                                   "matrix, loss/validation curves, learning rate, MM gate values, fusion-token "
+                                   "attention maps, configuration, hardware, versions and wall time. Needs "
+                                   "matplotlib (pip install 'deepmlf-fast[report]').")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `deepmlf train`")
+    p.add_argument("--out", help="folder for report.md/report.html/report/ (default: the run directory for one "
+                                 "run, the first run's parent for several)")
+    p.add_argument("--seed", type=int, help="whose model draws the scatter, confusion and attention plots "
+                                            "(default: each run's first seed)")
+    p.add_argument("--attention-samples", type=int, default=4, help="test samples in the attention figure (4)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_report)
 
     for name, func, helptext in (("eval", cmd_eval, "metrics of a trained run"),
                                  ("predict", cmd_predict, "write predictions of a trained run to CSV")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, description=PREDICT_DESCRIPTION if name == "predict" else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--run", required=True, help="run directory written by `deepmlf train`")
         p.add_argument("--data", help="data file (default: the run's own)")
         p.add_argument("--split", default="test", choices=["train", "valid", "test"])

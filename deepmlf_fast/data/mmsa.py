@@ -14,6 +14,11 @@ is a dict of parallel arrays over its N samples. The keys read here are
 Every other key (text, text_bert, annotations, classification_labels,
 regression_labels_{T,A,V}, ...) is allowed and ignored.
 
+New samples to predict on (`deepmlf predict`) are read with `require_labels=False`: a split
+may then lack `regression_labels` (its labels are NaN), and the file may hold only some of
+the three splits (an absent split is the first present one again, so a file of new samples
+needs only the split it is predicted on). Training and evaluation always require both.
+
 SECURITY: unpickling executes code stored in the file. Only open `.pkl` files from a
 source you trust (the official MMSA release), and convert them once with
 `convert_pickle` to the `.npz` format below, which holds plain arrays only and is read
@@ -52,7 +57,7 @@ class MMSASplit:
     raw_text: list[str]  # [N]
     audio: np.ndarray  # float32 [N, Ta, Da], -inf already replaced by 0
     vision: np.ndarray  # float32 [N, Tv, Dv]
-    labels: np.ndarray  # float32 [N]
+    labels: np.ndarray  # float32 [N]; NaN for unlabeled samples (read with require_labels=False)
     audio_lengths: np.ndarray | None  # int64 [N], each in [0, Ta]
     vision_lengths: np.ndarray | None  # int64 [N], each in [0, Tv]
     ids: list[str]  # [N]
@@ -99,13 +104,15 @@ class MMSAData:
 
 
 def load_mmsa(
-    path: str | os.PathLike, dataset: str, audio_dim: int | None = None, vision_dim: int | None = None
+    path: str | os.PathLike, dataset: str, audio_dim: int | None = None, vision_dim: int | None = None,
+    require_labels: bool = True,
 ) -> MMSAData:
     """Read and validate an MMSA `.pkl` (trusted sources only) or a converted `.npz`.
 
     The format is recognised from the file's content, not its name. `audio_dim` and
     `vision_dim` are the expected feature widths Da, Dv (None: the dataset's standard
-    MMSA widths). Any structural or value problem raises `DataError` naming the file,
+    MMSA widths). `require_labels=False` reads new, unlabeled samples (see the module
+    docstring). Any structural or value problem raises `DataError` naming the file,
     split, field, what was expected and what was found. Reads only; writes nothing.
     """
     path = Path(path)
@@ -114,7 +121,7 @@ def load_mmsa(
     with open(path, "rb") as f:
         magic = f.read(4)
     raw = _read_npz(path) if magic == _ZIP_MAGIC else _read_pickle(path)
-    return from_mmsa_dict(raw, dataset, str(path), audio_dim, vision_dim)
+    return from_mmsa_dict(raw, dataset, str(path), audio_dim, vision_dim, require_labels)
 
 
 def from_mmsa_dict(
@@ -123,6 +130,7 @@ def from_mmsa_dict(
     source: str = "<memory>",
     audio_dim: int | None = None,
     vision_dim: int | None = None,
+    require_labels: bool = True,
 ) -> MMSAData:
     """Validate an in-memory MMSA dict (the unpickled content of an MMSA file).
 
@@ -133,11 +141,13 @@ def from_mmsa_dict(
     dims = (spec.audio_dim if audio_dim is None else audio_dim, spec.vision_dim if vision_dim is None else vision_dim)
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a dict with keys {list(SPLITS)}, found {type(raw).__name__}")
-    splits = {}
-    for name in SPLITS:
-        if name not in raw:
-            raise DataError(f"{source}: missing split {name!r}; found keys {sorted(map(str, raw))}")
-        splits[name] = _parse_split(raw[name], f"{source} [{name}]", dims, spec.label_min, spec.label_max)
+    present = [name for name in SPLITS if name in raw]
+    if not present or (require_labels and len(present) < len(SPLITS)):
+        missing = next(name for name in SPLITS if name not in raw)
+        raise DataError(f"{source}: missing split {missing!r}; found keys {sorted(map(str, raw))}")
+    parsed = {name: _parse_split(raw[name], f"{source} [{name}]", dims, spec.label_min, spec.label_max,
+                                 require_labels) for name in present}
+    splits = {name: parsed.get(name, parsed[present[0]]) for name in SPLITS}
     return MMSAData(dataset=spec.name, source=source, **splits)
 
 
@@ -216,11 +226,13 @@ def _from_json_bytes(arr: np.ndarray | None, path: Path, key: str) -> Any:
 
 
 def _parse_split(
-    raw: Any, where: str, dims: tuple[int, int], label_min: float, label_max: float
+    raw: Any, where: str, dims: tuple[int, int], label_min: float, label_max: float, require_labels: bool = True
 ) -> MMSASplit:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a dict of arrays, found {type(raw).__name__}")
-    for key in ("raw_text", "audio", "vision", "regression_labels", "id"):
+    required = ("raw_text", "audio", "vision", "regression_labels", "id") if require_labels else (
+        "raw_text", "audio", "vision", "id")
+    for key in required:
         if key not in raw:
             raise DataError(f"{where}: missing key {key!r}; found keys {sorted(map(str, raw))}")
 
@@ -231,7 +243,10 @@ def _parse_split(
         raise DataError(f"{where}: audio: expected at least one sample, found shape {audio.shape}")
     if vision.shape[0] != n:
         raise DataError(f"{where}: vision: expected {n} samples like audio, found shape {vision.shape}")
-    labels = _labels(raw["regression_labels"], where, n, label_min, label_max)
+    if "regression_labels" in raw:
+        labels = _labels(raw["regression_labels"], where, n, label_min, label_max)
+    else:  # only without require_labels: new samples to predict on
+        labels = np.full(n, np.nan, dtype=np.float32)
     texts = _strings(raw["raw_text"], where, "raw_text", n)
     for i, t in enumerate(texts):
         if not t.strip():

@@ -5,6 +5,9 @@
     for each seed: stage 1 (AV encoder) -> stage 2 (DeepMLF, early stopping) -> test
     -> DIR/results.json (test metrics averaged over seeds, with std and per-seed details)
 
+Each seed's stage-2 progress also goes to TensorBoard (`DIR/tb/seed_<s>/`) when the optional
+`tensorboard` package is installed (`report/tensorboard.py`).
+
 A run directory can be resumed: finished seeds are skipped, an interrupted seed restarts
 from its last completed epoch (`train/rundir.py` has the layout and the policy).
 
@@ -34,6 +37,7 @@ from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
 from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF, check_model_config
 from deepmlf_fast.model.losses import deepmlf_loss
+from deepmlf_fast.report.tensorboard import tensorboard_recorder
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.engine import make_engine
@@ -66,10 +70,11 @@ def demo_data_path(cfg: RunConfig) -> Path:
     return path
 
 
-def load_run_data(cfg: RunConfig) -> MMSAData:
-    """Load and validate the run's data (the embedded synthetic default when no path)."""
+def load_run_data(cfg: RunConfig, require_labels: bool = True) -> MMSAData:
+    """Load and validate the run's data (the embedded synthetic default when no path);
+    `require_labels=False` also reads new, unlabeled samples (`data.mmsa`)."""
     path = cfg.data.path or demo_data_path(cfg)
-    return load_mmsa(path, cfg.data.dataset, cfg.data.audio_dim, cfg.data.vision_dim)
+    return load_mmsa(path, cfg.data.dataset, cfg.data.audio_dim, cfg.data.vision_dim, require_labels)
 
 
 def with_data_dims(cfg: RunConfig, data: MMSAData) -> RunConfig:
@@ -220,7 +225,14 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
     loaders = {"train": train_loader, "valid": session.loader("valid", cfg.train.eval_batch_size, False)}
     engine = make_engine("deepmlf", model, cfg, len(train_loader), run_dir.deepspeed(seed))
     net = engine.wrap(model)
-    state = fit(net, engine, loaders, cfg, run_dir.seed(seed), session.train_ctx, session.eval_ctx)
+    # TensorBoard scalars under DIR/tb/seed_<s>/ when the optional package is installed (rank 0 writes)
+    recorder = tensorboard_recorder(run_dir.root / "tb" / f"seed_{seed}") if distributed.is_main() else None
+    try:
+        state = fit(net, engine, loaders, cfg, run_dir.seed(seed), session.train_ctx, session.eval_ctx,
+                    recorder=recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
     test = evaluate(net, session.loader("test", cfg.train.eval_batch_size, False), cfg.data.dataset,
                     session.eval_ctx, desc="test")
     log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in METRIC_KEYS[cfg.data.dataset]}))
@@ -253,9 +265,11 @@ def aggregate(per_seed: dict, cfg: RunConfig) -> dict:
     return results
 
 
-def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None, data_path: str | None = None):
+def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None, data_path: str | None = None,
+             require_labels: bool = True):
     """Rebuild a finished run's model (best weights of `seed`, default the first) and its data
-    session for `deepmlf eval` / `predict`. -> (session, model)."""
+    session for `deepmlf eval` / `predict` / `report`. -> (session, model). `require_labels=False`
+    (predict) also reads a data file of new samples without labels."""
     rd = RunDir(run_dir)
     cfg = rd.read_config()
     if data_path is not None:
@@ -264,7 +278,7 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
     if not rd.best(seed).is_file():
         raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model")
     dataset_spec(cfg.data.dataset)
-    data = load_run_data(cfg)
+    data = load_run_data(cfg, require_labels)
     check_data_matches_model(cfg, data)
     session = Session(cfg, device, data)
     model = session.new_model(seed)

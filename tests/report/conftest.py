@@ -1,0 +1,27 @@
+"""One tiny finished run shared by the report, TensorBoard and predict tests.
+
+It is the README's default command, `deepmlf train` on the `demo` preset, shrunk to a tiny
+backbone and data so it trains in seconds: 2 seeds x 2 stage-2 epochs, AV length masks on
+(so attention maps have invalid steps to mask). `deepmlf train` ends by writing the report.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from deepmlf_fast.cli import main
+
+TINY_DEMO = ["--backbone", "tiny-llama", "--precision", "fp32", "--batch-size", "16",
+             "--set", "data.synthetic_sizes=48,24,24", "--set", "text.max_tokens=16", "--set", "av.max_len=12",
+             "--set", "train.log_every=1"]
+"""The demo preset on a 4-block backbone, 96 synthetic samples, short sequences, running losses
+recorded every step."""
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The finished run directory (seeds 1 and 2, 2 epochs each: early stopping waits 4)."""
+    out = tmp_path_factory.mktemp("report") / "demo"
+    assert main(["-q", "train", *TINY_DEMO, "--epochs", "2", "--pretrain-epochs", "1", "--av-length-masks",
+                 "--seeds", "1", "2", "--output-dir", str(out)]) == 0
+    return out
