@@ -3,7 +3,10 @@ loop, the engines, checkpoints), and what the run saves loads back into a freshl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +33,7 @@ from deepmlf_fast.train.run import train_run
 from helpers import make_batch
 
 
-def small_run(out_dir, seeds=(7,)) -> RunConfig:
+def small_run(out_dir, seeds=(7,), **train) -> RunConfig:
     return RunConfig(
         model=ModelConfig(
             av=AVEncoderConfig(max_len=12),
@@ -42,7 +45,7 @@ def small_run(out_dir, seeds=(7,)) -> RunConfig:
         optim=OptimConfig(batch_size=16, grad_accum=1, lr_mm=2e-3, lr_av=2e-3, warmup_epochs=0.0, cosine_epochs=5,
                           max_epochs=3, early_stop=3),
         pretrain=AVPretrainConfig(enabled=False),
-        train=TrainConfig(output_dir=str(out_dir), seeds=seeds, device="cpu", eval_batch_size=32),
+        train=TrainConfig(output_dir=str(out_dir), seeds=seeds, device="cpu", eval_batch_size=32, **train),
     )
 
 
@@ -83,3 +86,25 @@ def test_a_given_model_needs_its_tokenizer_and_one_seed(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer"):
         train_run(small_run(tmp_path / "run"), model=dm)
     assert not (tmp_path / "run").exists()
+
+
+def _deepspeed_rank(out_dir: Path, ds_config: Path) -> None:
+    """One gloo rank: apply DeepMLF to a freshly loaded LM and train it under DeepSpeed."""
+    cfg = small_run(out_dir, deepspeed=str(ds_config))
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_epochs=2))
+    lm, dm, tok = applied(cfg)
+    train_run(cfg, model=dm, tokenizer=tok)
+    assert "deepmlf" in dict(lm.named_children())  # DeepSpeed trained the attached model itself
+
+
+@pytest.mark.distributed
+def test_applied_model_trains_under_deepspeed_zero3(tmp_path):
+    pytest.importorskip("deepspeed")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))  # tests/train/ds_worker: gloo ranks
+    from ds_worker import deepspeed_config, launch
+
+    launch(_deepspeed_rank, tmp_path / "run", deepspeed_config(tmp_path, "zero3.json"), world=1)
+    history = json.loads((tmp_path / "run" / "seed_7" / "last" / "state.json").read_text())["history"]
+    assert len(history) == 2 and history[1]["train"]["total"] < history[0]["train"]["total"]
+    assert (tmp_path / "run" / "seed_7" / "deepspeed" / "step8").is_dir()  # DeepSpeed's own checkpoints
+    assert set(load_weights(tmp_path / "run" / "seed_7" / "best.safetensors")) >= {"fusion_tokens.weight"}
