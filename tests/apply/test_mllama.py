@@ -19,6 +19,8 @@ from deepmlf_fast.integrations.mllama import (
 
 PATCHES, TILES = 5, 2  # vision tokens per tile (a 2x2 grid of 14-pixel patches + CLS), tiles per image
 B, S = 2, 7
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Triton runs compiled on CUDA, interpreted on the CPU (TRITON_INTERPRET=1, tests/conftest.py)."""
 
 
 def tiny_mllama() -> MllamaForConditionalGeneration:
@@ -33,7 +35,7 @@ def tiny_mllama() -> MllamaForConditionalGeneration:
         image_token_index=127,
     )
     torch.manual_seed(0)
-    model = MllamaForConditionalGeneration(cfg)
+    model = MllamaForConditionalGeneration(cfg).to(DEVICE)
     with torch.no_grad():  # transformers initialises the gates closed; open them so the branches count
         for layer in model.model.language_model.layers:
             if isinstance(layer, hf.MllamaCrossAttentionDecoderLayer):
@@ -67,7 +69,7 @@ def inputs(mask: str) -> dict:
             xmask[0, 4:, 0, :] = 0
             xmask[0, 4:, 1, :] = 1
         out["cross_attention_mask"] = xmask
-    return out
+    return {k: v.to(DEVICE) for k, v in out.items()}
 
 
 def run(model, batch):
@@ -75,7 +77,7 @@ def run(model, batch):
     model.train()  # dropout is 0 in these configs; train mode exercises the training paths
     model.zero_grad(set_to_none=True)
     logits = model(**batch).logits[batch["attention_mask"].bool()]
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -118,7 +120,7 @@ def test_patched_mllama_matches_transformers_and_reverts_exactly(backend, mask):
 
 def _prepared(mask: str):
     batch = inputs(mask)
-    prepared, _ = hf._prepare_cross_attention_mask(batch["cross_attention_mask"], PATCHES, torch.float32)
+    prepared, _ = hf._prepare_cross_attention_mask(batch["cross_attention_mask"].cpu(), PATCHES, torch.float32)
     return prepared
 
 
