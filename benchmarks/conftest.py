@@ -157,6 +157,9 @@ def pytest_generate_tests(metafunc):
     if "sattn_shape" in metafunc.fixturenames:
         items = shapes.self_attention_shapes(env.tier)
         metafunc.parametrize("sattn_shape", items, ids=[s.id for s in items])
+    if "mllama_shape" in metafunc.fixturenames:
+        items = shapes.mllama_shapes(env.tier)
+        metafunc.parametrize("mllama_shape", items, ids=[s.key for s in items])
     if "step_config" in metafunc.fixturenames:
         items = shapes.step_configs(env.step_tier, env.device.kind)
         metafunc.parametrize("step_config", items, ids=[s.name for s in items])

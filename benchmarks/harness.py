@@ -45,6 +45,7 @@ SUITE_BASELINES: dict[str, tuple[str, ...]] = {
     "cross_attention": ("eager_official", "sdpa"),
     "self_attention": ("eager_masked", "sdpa_dense"),
     "step": ("official",),
+    "mllama": ("transformers",),
 }
 """Baselines of each suite, in column order; every other provider gets a ratio against each."""
 

@@ -26,6 +26,7 @@ TITLES = {
     "cross_attention": "Gated cross-attention (one MM block: F fusion queries x L_av AV steps)",
     "self_attention": "LM self-attention over [text ; fusion] (padded T = L + F vs packed)",
     "step": "Whole DeepMLF training step (official-style vs deepmlf-fast)",
+    "mllama": "Llama-3.2-Vision decoder slice (transformers vs apply_deepmlf_kernels_to_mllama)",
 }
 
 

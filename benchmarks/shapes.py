@@ -318,3 +318,44 @@ def step_config(name: str) -> StepConfig:
         if s.name == name:
             return s
     raise KeyError(f"step config {name!r}: expected one of {[s.name for s in STEP_CONFIGS]}")
+
+
+# -- Llama-3.2-Vision (mllama) decoder, patched by apply_deepmlf_kernels_to_mllama -----------------
+@dataclass(frozen=True)
+class MllamaShape:
+    """A slice of an mllama text decoder (self-attention layers and gated cross-attention layers)
+    with one image per sample: `tiles` tiles of `tile_tokens` vision tokens (the last tile of every
+    second sample padding, as a narrow aspect ratio leaves it), BOS before the image."""
+
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    layers: int
+    cross_layers: tuple[int, ...]
+    batch: int
+    text_len: int
+    tiles: int
+    tile_tokens: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-B{self.batch}-S{self.text_len}-K{self.tiles * self.tile_tokens}"
+
+
+MLLAMA_SHAPES = {
+    # CPU: a few seconds per case.
+    "small": (MllamaShape("tiny", 128, 4, 2, 256, 5, (3,), batch=2, text_len=64, tiles=4, tile_tokens=17),),
+    # GPU: Llama-3.2-11B-Vision's text widths (4096, 32/8 heads, 14336 FFN), its first five layers
+    # (cross-attention at 3, as released), 4 tiles of 1601 tokens (448-pixel tiles, 14-pixel patches + CLS).
+    "full": (MllamaShape("llama-3.2-11b-vision-l5", 4096, 32, 8, 14336, 5, (3,), batch=4, text_len=512, tiles=4,
+                         tile_tokens=1601),),
+}
+
+
+def mllama_shapes(tier: str) -> list[MllamaShape]:
+    """The mllama decoder shapes of a tier ('small' for CPU, 'full' for GPU)."""
+    if tier not in MLLAMA_SHAPES:
+        _check_tier(tier)
+    return list(MLLAMA_SHAPES[tier])

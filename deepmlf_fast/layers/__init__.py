@@ -6,6 +6,9 @@ deepmlf-fast's fused ops (Triton on CUDA, the PyTorch reference elsewhere).
   tokens to a narrow key/value sequence, in one fused op;
 * `GatedFFN`: `x + gate * dropout(mlp(norm(x)))` around any position-wise MLP;
 * `FusionTokens`: a table of learnable tokens broadcast over the batch.
+
+Each has a `from_module` constructor that copies an equivalent module from elsewhere
+(open_flamingo-style gated blocks, torchtune's `TanhGate`, an `nn.Embedding` of prompt tokens).
 """
 
 from deepmlf_fast.layers.cross_attention import GatedCrossAttention

@@ -5,17 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.layers.gate import Gate, make_norm
+from deepmlf_fast.layers.gate import Gate, copy_norm, make_norm, norm_kind
 from deepmlf_fast.ops.cross_attention import gated_cross_attention
 
 
 class GatedCrossAttention(nn.Module):
     """`out = x + gate * dropout(W_o · MHA(q = norm(x) W_q^T, k = A W_k^T, v = A W_v^T))`.
 
-    Queries are a few tokens `x (B, F, D)`; keys and values come from a narrow sequence
-    `A (B, L, kv_dim)` with optional per-sample lengths. Norm, projections, attention,
-    dropout, gate and residual run as one op (two Triton launches on CUDA); the evaluation
-    order (plain, or absorbed multi-query attention in kv_dim space) is chosen by shape.
+    Queries are a few tokens `x (B, F, D)`, or the rows `rows` of a packed `(N, D)` tensor;
+    keys and values come from a narrow sequence `A (B, L, kv_dim)` with optional per-sample
+    lengths. Norm, projections, attention, dropout, gate and residual run as one op
+    (`ops.cross_attention.gated_cross_attention`): on CUDA two Triton launches, the varlen
+    attention kernel and a GEMM whose epilogue applies W_o, dropout, the gate and the residual;
+    the PyTorch reference elsewhere. The evaluation order (plain, or absorbed multi-query
+    attention in kv_dim space) is chosen by shape. `from_module` copies an open_flamingo-style
+    block's attention half.
 
     Args:
         dim: D; kv_dim: width of A; n_heads: H (D % H == 0).
@@ -44,6 +48,33 @@ class GatedCrossAttention(nn.Module):
         self.kv_proj = nn.Linear(kv_dim, 2 * dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.gate = Gate(gate, gate_init, gate_size)
+
+    @classmethod
+    def from_module(cls, block: nn.Module, *, gate: str = "tanh", form: str = "auto") -> "GatedCrossAttention":
+        """The gated cross-attention half of an open_flamingo-style block, weights copied.
+
+        `block.attn` holds `norm` (LayerNorm or RMSNorm), `to_q (inner, D)`, `to_kv (2*inner, kv_dim)`
+        ([W_k; W_v], this layer's `kv_proj` layout), `to_out (D, inner)`, all bias-free, and
+        `heads`; `block.attn_gate` is the gate parameter (tanh in Flamingo). The softmax scale is
+        `1/sqrt(inner/heads)` as there. Needs inner == D (the fused op projects D -> D).
+        """
+        attn = block.attn
+        inner, dim = attn.to_q.weight.shape
+        if inner != dim:
+            raise ValueError(f"GatedCrossAttention.from_module: expected heads * dim_head == dim ({dim}), found {inner}")
+        if any(getattr(attn, n).bias is not None for n in ("to_q", "to_kv", "to_out")):
+            raise ValueError("GatedCrossAttention.from_module: expected bias-free to_q / to_kv / to_out projections")
+        kind, eps = norm_kind(attn.norm)
+        alpha = block.attn_gate
+        layer = cls(dim, attn.to_kv.weight.shape[1], attn.heads, norm=kind, norm_eps=eps, gate=gate,
+                    gate_size=alpha.numel(), form=form)
+        layer.to(device=alpha.device, dtype=attn.to_q.weight.dtype)
+        copy_norm(layer.norm, attn.norm)
+        with torch.no_grad():
+            for target, source in ((layer.q_proj, attn.to_q), (layer.kv_proj, attn.to_kv), (layer.o_proj, attn.to_out)):
+                target.weight.copy_(source.weight)
+            layer.gate.alpha.copy_(alpha.reshape(-1))
+        return layer
 
     def forward(self, x: torch.Tensor, av: torch.Tensor, av_lengths: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.layers.gate import Gate, make_norm
+from deepmlf_fast.layers.gate import Gate, copy_norm, make_norm, norm_kind
 
 
 class GatedFFN(nn.Module):
@@ -16,6 +18,9 @@ class GatedFFN(nn.Module):
         dim: model width D; norm: "layernorm" | "rmsnorm"; norm_eps.
         gate: "sigmoid" | "tanh"; gate_init: alpha's initial value; dropout: on mlp's output.
     Parameters: `norm.*`, `mlp.*`, `gate.alpha`.
+
+    Fuses nothing: the norm, the MLP as given and the gated residual are torch ops (the MLP may
+    be a LoRA-wrapped or quantized copy, which no fixed kernel could take).
     """
 
     def __init__(self, mlp: nn.Module, dim: int, *, norm: str = "layernorm", norm_eps: float = 1e-5,
@@ -25,6 +30,20 @@ class GatedFFN(nn.Module):
         self.mlp = mlp
         self.dropout = nn.Dropout(dropout)
         self.gate = Gate(gate, gate_init)
+
+    @classmethod
+    def from_module(cls, block: nn.Module, *, gate: str = "tanh") -> "GatedFFN":
+        """The gated FFN half of an open_flamingo-style block, copied: `block.ff` is
+        `nn.Sequential(norm, *mlp)` (LayerNorm or RMSNorm first) and `block.ff_gate` its gate
+        parameter (tanh in Flamingo)."""
+        norm, *mlp = block.ff
+        kind, eps = norm_kind(norm)
+        alpha = block.ff_gate
+        layer = cls(copy.deepcopy(nn.Sequential(*mlp)), norm.weight.shape[0], norm=kind, norm_eps=eps, gate=gate)
+        layer.gate = Gate.from_module(alpha, gate)
+        layer.to(device=alpha.device, dtype=norm.weight.dtype)
+        copy_norm(layer.norm, norm)
+        return layer
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x `(..., D)` -> same shape. With `rows` (x packed `(N, D)`), only those rows change."""

@@ -46,6 +46,8 @@ class DeepMLF(nn.Module):
 
     def __init__(self, cfg: ModelConfig, lm: nn.Module, spec: ArchSpec, pad_id: int, init_seed: int = 0):
         super().__init__()
+        self._setting_mode = False
+        """True while `train()` runs (an LM holding this model calls back into it)."""
         self.cfg = cfg
         self.spec = spec
         self.pad_id = int(pad_id)
@@ -187,9 +189,15 @@ class DeepMLF(nn.Module):
             object.__setattr__(self, "lm", lm)
 
     def train(self, mode: bool = True) -> "DeepMLF":
-        super().train(mode)
-        if "lm" not in self._modules:  # detached: its dropout still follows train/eval
-            self.lm.train(mode)
+        if self._setting_mode:  # reached again through an LM that holds this model (apply_deepmlf)
+            return self
+        self._setting_mode = True
+        try:
+            super().train(mode)
+            if "lm" not in self._modules:  # detached: its dropout still follows train/eval
+                self.lm.train(mode)
+        finally:
+            self._setting_mode = False
         return self
 
     def set_backend(self, backend: str) -> None:
@@ -197,6 +205,11 @@ class DeepMLF(nn.Module):
         self.backend = backend
         for block in self.mm_blocks.values():
             block.xattn.backend = backend
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """The parameters that train: fusion tokens, MM blocks, AV encoder and norm, heads (never
+        the frozen backbone, attached or not)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters that train plus buffers of the DeepMLF modules; never the backbone."""

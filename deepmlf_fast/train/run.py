@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepmlf_fast.backbones.load import backbone_config, load_backbone
+from deepmlf_fast.backbones.load import LoadedBackbone, backbone_config, load_backbone
 from deepmlf_fast.config import RunConfig, validate_config
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
 from deepmlf_fast.data.specs import dataset_spec
@@ -96,19 +96,34 @@ def check_data_matches_model(cfg: RunConfig, data: MMSAData) -> None:
 
 class Session:
     """Everything loaded once per run and shared by its seeds: the hardware decisions, data,
-    tokens, backbone, and how batches are run (`train_ctx`, `eval_ctx`)."""
+    tokens, backbone, and how batches are run (`train_ctx`, `eval_ctx`).
 
-    def __init__(self, cfg: RunConfig, device: torch.device, data: MMSAData | None = None):
+    With `model` (an already built DeepMLF, e.g. `apply_deepmlf`'s) and its `tokenizer`, the
+    session trains that model: its backbone and configuration replace `cfg.model`'s (see
+    `with_model`), and the data must have the feature widths its AV encoder was built for."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, data: MMSAData | None = None,
+                 model: DeepMLF | None = None, tokenizer=None):
         self.device = device
+        self.model = model
         cfg = dataclasses.replace(cfg, resolved=resolve_run(cfg, device))
         self.data = data if data is not None else load_run_data(cfg)
         zeroed = sum(self.data.split(name).zeroed_neg_inf for name in SPLITS)
         if zeroed:
             log.info("%s: %d -inf feature values replaced by 0, as MMSA's loaders do", self.data.source, zeroed)
-        self.cfg = with_data_dims(cfg, self.data)
-        r, m = self.cfg.resolved, self.cfg.model
-        self.backbone = load_backbone(m.backbone, dtype=DTYPES[r.precision], load_in_8bit=m.load_in_8bit,
-                                      load_in_4bit=m.load_in_4bit, random_init=m.random_init, device=device)
+        if model is None:
+            self.cfg = with_data_dims(cfg, self.data)
+            r, m = self.cfg.resolved, self.cfg.model
+            self.backbone = load_backbone(m.backbone, dtype=DTYPES[r.precision], load_in_8bit=m.load_in_8bit,
+                                          load_in_4bit=m.load_in_4bit, random_init=m.random_init, device=device)
+        else:
+            found = model.fusion_tokens.weight.device
+            if found.type != device.type:
+                raise ConfigError(f"train.device: the given model is on {found}, expected the run's device {device}")
+            check_data_matches_model(cfg, self.data)
+            self.cfg = cfg
+            r, m = cfg.resolved, cfg.model
+            self.backbone = LoadedBackbone(model.lm, tokenizer, model.spec, model.pad_id, m.backbone)
         tok = self.backbone.tokenizer
         self.tokens = {name: tokenize_texts(self.data.split(name).raw_text, tok, m.text.max_tokens, name,
                                             self.backbone.pad_id) for name in SPLITS}
@@ -125,17 +140,34 @@ class Session:
         )
 
     def new_model(self, seed: int) -> DeepMLF:
+        """The model seed `seed` trains: built around the backbone, or the session's given model."""
+        if self.model is not None:
+            self.model.set_backend(self.cfg.resolved.attention_backend)
+            return self.model
         model, _ = build_deepmlf(self.cfg.model, init_seed=seed, backbone=self.backbone,
                                  backend=self.cfg.resolved.attention_backend)
         return model
 
 
-def check_run(cfg: RunConfig) -> None:
+def with_model(cfg: RunConfig, model: DeepMLF, tokenizer) -> RunConfig:
+    """`cfg` for training an already built DeepMLF: its model section becomes the model's own
+    configuration (what config.json records). ConfigError unless a tokenizer is given and the
+    run has one seed (the model is initialised once)."""
+    if tokenizer is None:
+        raise ConfigError("train_run(model=...): expected the backbone's tokenizer (tokenizer=...), found None")
+    if len(cfg.train.seeds) != 1:
+        raise ConfigError(f"train.seeds: a run of a given model trains that one model, expected one seed, "
+                          f"found {list(cfg.train.seeds)}")
+    return dataclasses.replace(cfg, model=model.cfg)
+
+
+def check_run(cfg: RunConfig, lm_config=None) -> None:
     """Validate what can be checked before anything is loaded or written: every configuration
     field, the model configuration against the backbone's dimensions (read from its config,
-    never its weights), the data file's presence, and the output directory."""
+    never its weights, or `lm_config` when the backbone is already loaded), the data file's
+    presence, and the output directory."""
     validate_config(cfg)
-    check_model_config(cfg.model, backbone_config(cfg.model.backbone))
+    check_model_config(cfg.model, lm_config if lm_config is not None else backbone_config(cfg.model.backbone))
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise DataError(f"{cfg.data.path}: data file not found (expected an MMSA .pkl or a converted .npz)")
     out = Path(cfg.train.output_dir)
@@ -143,13 +175,22 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"train.output_dir: expected a directory, found a file at {str(out)!r}")
 
 
-def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, model: DeepMLF | None = None,
+              tokenizer=None) -> dict:
     """Run every seed of `cfg` into `cfg.train.output_dir`; -> the results dict also written
     to `results.json` (test metrics under their MMSA names, averaged over seeds).
 
+    `model`, with its backbone's `tokenizer`: train this already built DeepMLF (the one
+    `apply_deepmlf` returned, for instance) instead of building one from `cfg.model`; its own
+    configuration replaces `cfg.model`, the run has one seed, and under DeepSpeed every rank
+    passes its own copy. Everything else (stage 1, the loop, the engines, checkpoints, resume)
+    is the same code path as `deepmlf train`.
+
     Inputs (run directory, configuration, data, backbone) are all validated before anything
     is written, so a bad argument leaves no half-made run directory behind."""
-    check_run(cfg)
+    if model is not None:
+        cfg = with_model(cfg, model, tokenizer)
+    check_run(cfg, None if model is None else model.lm.config)
     run_dir = RunDir(cfg.train.output_dir)
     run_dir.check_compatible(cfg, resume, overwrite)
     if cfg.train.deepspeed:  # every rank runs this function; only rank 0 writes files
@@ -162,7 +203,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) 
         device = resolve_device(cfg.train.device)
     start = time.time()
     with distributed.rank_zero_first():  # rank 0 fills shared caches (tiny backbones, synthetic data)
-        session = Session(cfg, device)
+        session = Session(cfg, device, model=model, tokenizer=tokenizer)
     if distributed.is_main():
         run_dir.create(overwrite)
     distributed.barrier()

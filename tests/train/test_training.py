@@ -68,10 +68,10 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     interrupted = small_run(tmp_path, "interrupted", max_epochs=3)
     real_epoch = loop.train_epoch
 
-    def crash_in_third_epoch(model, engine, loader, cfg, ctx, epoch):
+    def crash_in_third_epoch(model, engine, loader, cfg, ctx, epoch, recorder=None):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(model, engine, loader, cfg, ctx, epoch)
+        return real_epoch(model, engine, loader, cfg, ctx, epoch, recorder)
 
     monkeypatch.setattr(loop, "train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
