@@ -1,8 +1,9 @@
 """Dense copies of a frozen backbone's weights, whatever their storage.
 
 MM-block FFNs start as copies of the wrapped LM block's FFN; that block may be an
-`nn.Linear`, an HF `Conv1D` (GPT-2, (in, out) layout) or a bitsandbytes 8-bit/4-bit
-layer. `dense_linear` returns `(weight (out, in), bias (out,) or None)` in float32.
+`nn.Linear`, an HF `Conv1D` (GPT-2, (in, out) layout), a bitsandbytes 8-bit/4-bit layer,
+or any of those wrapped by a peft LoRA adapter (the adapter's delta is added, as merging it
+would). `dense_linear` returns `(weight (out, in), bias (out,) or None)` in float32.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import torch.nn as nn
 
 def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight `(out, in)` and bias of a linear-like module as fresh float32 tensors."""
+    if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):  # peft LoRA wrapper
+        weight, bias = dense_linear(module.base_layer)
+        if not getattr(module, "merged", False):
+            for name in module.active_adapters:
+                weight = weight + module.get_delta_weight(name).detach().float().reshape(weight.shape)
+        return weight, bias
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().float().clone()
     kind = type(module).__name__

@@ -116,7 +116,6 @@ def apply_deepmlf(model: nn.Module, config: ModelConfig, *, tokenizer=None, pad_
         raise ValueError(f"apply_deepmlf: this {type(base).__name__} already has DeepMLF applied")
     if (tokenizer is None) == (pad_id is None):
         raise ValueError("apply_deepmlf: give exactly one of tokenizer= (its pad or EOS token) and pad_id=")
-    _check_ffn_adapters(base, spec, config)
     if getattr(base.config, "_name_or_path", ""):
         config = dataclasses.replace(config, backbone=base.config._name_or_path)
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
@@ -176,22 +175,6 @@ class _TolerateAbsent:
         if self.absent is not None:
             prefix, self.absent = self.absent, None
             incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefix)]
-
-
-def _check_ffn_adapters(base: nn.Module, spec: ArchSpec, config: ModelConfig) -> None:
-    """MM blocks start from a copy of their LM block's FFN weights; a peft adapter on those
-    linears would be left out of the copy, so it is refused by name."""
-    layers = get_path(get_path(base, spec.base), spec.layers)
-    for i in config.fusion.mm_layers:
-        if not 0 <= i < len(layers):
-            continue  # DeepMLF's own check names the bad index
-        for path in spec.ffn_paths:
-            if hasattr(get_path(layers[i], path), "base_layer"):
-                raise BackboneError(
-                    f"apply_deepmlf: block {i}'s FFN linear {path!r} carries a peft adapter, which the MM block's "
-                    f"copy of the FFN would leave out; merge it first (merge_and_unload) or keep adapters on "
-                    f"attention modules only"
-                )
 
 
 def _restore_requires_grad(base: nn.Module, flags: dict[str, bool]) -> None:

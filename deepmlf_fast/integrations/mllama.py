@@ -54,23 +54,7 @@ from transformers.models.mllama import modeling_mllama as hf
 
 from deepmlf_fast.ops import hf_attention
 from deepmlf_fast.ops.attention import varlen_attention
-from deepmlf_fast.ops.dispatch import resolve_backend
-
-
-def gated_residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, gate: torch.Tensor,
-                          backend: str = "auto") -> torch.Tensor:
-    """`x + gate * linear(h)`: x `(..., N)`, h `(..., K)`, gate `(1,)` or `(N,)` (a value, e.g.
-    `tanh(alpha)`). A bias-free `nn.Linear` on the Triton backend runs as one GEMM launch with
-    the gate and residual in its epilogue (`deepmlf_kernels.gated_linear`); anything else
-    (quantized or adapter-wrapped projections, the reference backend) is the torch expression."""
-    if type(linear) is nn.Linear and linear.bias is None and resolve_backend(backend, x) == "triton":
-        from deepmlf_kernels.gated_linear import gated_linear
-
-        # One dtype for the GEMM operands: autocast's when it is on (custom ops are not autocast).
-        dev = x.device.type
-        ct = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else linear.weight.dtype
-        return gated_linear(x, h.to(ct), linear.weight.to(ct), gate)
-    return x + gate * linear(h)
+from deepmlf_fast.ops.gated_linear import gated_residual_linear
 
 
 @dataclass(frozen=True)

@@ -195,10 +195,13 @@ def test_peft_wrapped_model(checkpoints):
     revert_deepmlf(model)
     assert {n for n, p in base.named_parameters() if p.requires_grad} == lora
 
+    # An adapter on an FFN linear is part of the FFN the MM block copies: the copy is the merged weight.
     ffn_adapted, tok = wrapped(["up_proj"])
-    with pytest.raises(BackboneError, match=r"block 1's FFN linear 'mlp.up_proj' carries a peft adapter"):
-        apply_deepmlf(ffn_adapted, cfg, tokenizer=tok)
-    assert not hasattr(ffn_adapted.get_base_model(), "deepmlf")
+    dm = apply_deepmlf(ffn_adapted, cfg, tokenizer=tok)
+    up = ffn_adapted.get_base_model().model.layers[1].mlp.up_proj
+    merged = up.base_layer.weight + up.get_delta_weight("default")
+    assert not torch.equal(merged, up.base_layer.weight)
+    torch.testing.assert_close(dm.mm_blocks["1"].ffn.mlp.up_proj.weight, merged)
 
 
 def test_bitsandbytes_8bit_model(checkpoints):
