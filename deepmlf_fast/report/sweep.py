@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deepmlf_fast.config import RunConfig, apply_overrides, field_path, parse_value
-from deepmlf_fast.errors import ConfigError
-from deepmlf_fast.fileio import write_json, write_text_atomic
-from deepmlf_fast.train.checkpoint import read_json_file
+from deepmlf_fast.errors import CheckpointError, ConfigError
+from deepmlf_fast.fileio import read_json, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ def write_summary(sweep_dir: Path, axes: list[Axis], cells: list[Cell]) -> dict:
         path = Path(cell.cfg.train.output_dir) / "results.json"
         if not path.is_file():
             continue
-        r = read_json_file(path, "cell results")
+        r = read_json(path, "cell results", CheckpointError)
         names = r["metric_names"] + ["MAE_text", "MAE_av", "MAE_fusion"]
         rows.append({"cell": cell.name, "values": cell.texts, "dataset": r["dataset"], "seeds": r["seeds"],
                      "mean": {k: r.get(k) for k in names}, "std": {k: r["std"].get(k) for k in names}})

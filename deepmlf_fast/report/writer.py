@@ -29,9 +29,8 @@ import numpy as np
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.errors import CheckpointError
-from deepmlf_fast.fileio import write_text_atomic
+from deepmlf_fast.fileio import read_json, write_text_atomic
 from deepmlf_fast.report.document import Doc
-from deepmlf_fast.train.checkpoint import read_json_file
 from deepmlf_fast.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -67,13 +66,13 @@ def read_run(run_dir: str | Path) -> RunFiles:
     if not rd.results.is_file():
         raise CheckpointError(f"{str(rd.root)!r} has no results.json: the run has not finished (resume it with "
                               f"`deepmlf train --output-dir {rd.root}`)")
-    results = read_json_file(rd.results, "run results")
-    timing = read_json_file(rd.timing, "run timing") if rd.timing.is_file() else {}
+    results = read_json(rd.results, "run results", CheckpointError)
+    timing = read_json(rd.timing, "run timing", CheckpointError) if rd.timing.is_file() else {}
     histories = {}
     for seed in results["seeds"]:
         state = rd.last(seed) / "state.json"
-        histories[str(seed)] = read_json_file(state, "resume state")["history"] if state.is_file() else []
-    return RunFiles(rd.root, read_json_file(rd.config, "run configuration"), cfg, results, timing.get("seconds"),
+        histories[str(seed)] = read_json(state, "resume state", CheckpointError)["history"] if state.is_file() else []
+    return RunFiles(rd.root, read_json(rd.config, "run configuration", CheckpointError), cfg, results, timing.get("seconds"),
                     histories)
 
 
