@@ -1,7 +1,7 @@
 """Compile the Triton kernels ahead of time for H100/H200 (sm_90) and check their resources, no GPU needed.
 
-    python -m deepmlf_kernels.aot            # ~200 kernels, ~150 CPU-seconds (~75 s on 2 idle cores)
-    python -m deepmlf_kernels.aot --full     # every specialisation, ~4,300 kernels (a many-core box)
+    python -m deepmlf_kernels.aot            # 186 kernels, ~100 CPU-seconds (about a minute on 2 cores)
+    python -m deepmlf_kernels.aot --full     # every specialisation, ~4,000 kernels (a many-core box)
 
 The interpreter accepts code the GPU compiler rejects (a `tl.dot` with a dimension < 16,
 say) and says nothing of registers or shared memory, so CPU tests alone do not prove the

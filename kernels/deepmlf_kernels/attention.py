@@ -12,12 +12,13 @@ Supports
 * grouped/multi-query attention, Hq % Hkv == 0 (query head h reads kv head h // (Hq/Hkv));
 * head dims 1..256 through `BLOCK_D = next_pow2(max(d, 32))` and masked loads
   (30 for the absorbed cross-attention, 48, 64, 80, 128 in the presets);
-* fp32 / bf16 / fp16 inputs, fp32 softmax and accumulation, all dots on tensor cores:
-  bf16/fp16 operands as they are (P and dS narrowed to the operand dtype first, as in
-  FlashAttention), fp32 operands in the precision PyTorch's cuBLAS setting selects, read
-  at every launch (`deepmlf_kernels.common.dot_precision`): TF32 when
+* fp32 / bf16 / fp16 inputs, fp32 softmax and accumulation. bf16/fp16 dots run on
+  tensor cores (P and dS narrowed to the operand dtype first, as in FlashAttention);
+  fp32 dots follow PyTorch's cuBLAS setting, read at every launch
+  (`deepmlf_kernels.common.dot_precision`): TF32 when
   `torch.backends.cuda.matmul.fp32_precision == "tf32"` (or `allow_tf32`), otherwise
-  3xTF32, which is fp32-accurate;
+  3xTF32, fp32-accurate on tensor cores; past BLOCK_D 128 (TF32) or 64 (3xTF32), where
+  the tensor-core operands spill, IEEE fp32 FMA (`kernel_precision`);
 * dropout on the attention probabilities from in-kernel Philox: element (b, h, i, j) draws
   `tl.rand(seed, ((b*Hq + h)*max_seqlen_q + i)*max_seqlen_k + j)`, with the seed read from
   a 1-element int64 tensor (CUDA-graph friendly). Backward regenerates the same bits, and
@@ -191,7 +192,8 @@ def _varlen_attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) per (head, row): the softmax backward's correction term.
-    With dropout it still equals rowsum(P * dP) because O already carries the mask."""
+    With dropout it still equals rowsum(P * dP) because O already carries the mask.
+    Writes only DELTA (not autotuned)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -379,11 +381,11 @@ def _attn_dropout_mask_kernel(
 # Configs per kernel, dot class and BLOCK_D: (BLOCK_M, BLOCK_N, num_warps, num_stages),
 # four at most so autotuning stays short. Rows are short (8-500): tiles of 16-64 waste
 # less on padding than FA2's 128x128, and a 16-row tile fits the 8-20 fusion queries.
-# Each entry keeps, per tile, warps / stages that compile without register spills and
-# within shared memory on sm_90 in every specialisation `python -m deepmlf_kernels.aot
-# --full` builds, and drops the tiles that spill: wider heads and fp32 get 8 warps and
-# smaller tiles, and the dK/dV kernel, which holds K, V, dK and dV across its loop, is
-# the tightest.
+# Chosen from sweeps of ptxas -v on sm_90: per tile, the warps / stages with the fewest
+# registers, and no tile that spills or comes within ~15 registers of the 255 limit in
+# any flag combination (`python -m deepmlf_kernels.aot` checks them). Wider heads and
+# fp32 get 8 warps and smaller tiles; the dK/dV kernel, which holds K, V, dK and dV
+# across its loop, is the tightest.
 ATTN_TABLE = {
     "attn_fwd": {
         ("16bit", 32): ((16, 64, 4, 2), (32, 32, 4, 1), (64, 32, 4, 1), (64, 64, 8, 2)),
@@ -392,8 +394,8 @@ ATTN_TABLE = {
         ("16bit", 256): ((16, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
         **{("tf32", bd): ((16, 32, 8, 1), (32, 32, 4, 1), (16, 64, 8, 1), (64, 32, 8, 1)) for bd in (32, 64)},
         ("tf32", 128): ((16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1), (32, 64, 8, 1)),
-        **{("tf32x3", bd): ((16, 32, 4, 1), (32, 32, 4, 1), (16, 64, 8, 1), (64, 32, 4, 1)) for bd in (32, 64)},
-        ("ieee", 128): ((16, 32, 8, 1), (16, 64, 8, 1), (32, 64, 8, 1)),
+        **{("tf32x3", bd): ((16, 32, 4, 1), (16, 64, 8, 1), (64, 32, 4, 1)) for bd in (32, 64)},
+        ("ieee", 128): ((16, 32, 8, 1), (32, 64, 8, 1)),
         ("ieee", 256): ((16, 16, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)),
     },
     "attn_bwd_dq": {
@@ -414,9 +416,9 @@ ATTN_TABLE = {
         ("16bit", 256): ((16, 16, 8, 2), (16, 32, 8, 1), (32, 16, 8, 2), (32, 32, 8, 1)),
         **{("tf32", bd): ((16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1), (16, 64, 8, 1)) for bd in (32, 64)},
         ("tf32", 128): ((16, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1)),
-        **{("tf32x3", bd): ((16, 16, 8, 1), (32, 16, 8, 1), (16, 64, 8, 1)) for bd in (32, 64)},
-        ("ieee", 128): ((16, 16, 4, 1), (16, 32, 4, 1), (32, 16, 8, 1), (32, 32, 8, 1)),
-        ("ieee", 256): ((16, 16, 8, 1), (16, 32, 8, 1)),
+        **{("tf32x3", bd): ((16, 16, 8, 1), (16, 64, 8, 1)) for bd in (32, 64)},
+        ("ieee", 128): ((16, 16, 4, 1), (32, 16, 8, 1)),
+        ("ieee", 256): ((16, 16, 8, 1),),
     },
 }
 # fp32 dots take the tensor-core precision PyTorch's setting asks for up to this BLOCK_D
