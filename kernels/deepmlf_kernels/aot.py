@@ -1,38 +1,66 @@
-"""Compile the Triton kernels ahead of time for H100 (sm_90), no GPU needed.
+"""Compile the Triton kernels ahead of time for H100/H200 (sm_90) and check their resources, no GPU needed.
 
-    python -m deepmlf_kernels.aot            # covering set, about a minute on 2 cores
-    python -m deepmlf_kernels.aot --full     # every specialization (for a many-core box)
+    python -m deepmlf_kernels.aot            # 186 kernels, ~100 CPU-seconds (about a minute on 2 cores)
+    python -m deepmlf_kernels.aot --full     # every specialisation, ~4,000 kernels (a many-core box)
 
 The interpreter accepts code the GPU compiler rejects (a `tl.dot` with a dimension < 16,
-say), so CPU tests alone do not prove the kernels build. This compiles them through
-`triton.compile(..., target=GPUTarget("cuda", 90, 32))` down to PTX and cubin, exactly as
-the launchers would specialise them: the preset head dims (30, 32, 48, 64, 80, 128),
-fp32/bf16/fp16, causal or not, dropout on/off, with and without `seqused_k`, every
-autotune config, unit last-dim strides and 16-byte aligned pointers.
+say) and says nothing of registers or shared memory, so CPU tests alone do not prove the
+kernels build or run well. This compiles them through `triton.compile(...,
+target=GPUTarget("cuda", 90, 32))` down to PTX and cubin as the launchers specialise them
+(unit last-dim strides as constants, 16-byte aligned pointers, strides divisible by 16
+where the head dim is, each config's warps, stages and `maxnreg`), and checks every one:
 
-The default covering set gives every value of every axis at least once: the attention
-kernels at every head dim in bf16 and at a masked (30, 80) and an unmasked (64, 128) head
-dim in fp16/fp32, with the flag combinations and autotune tiles rotating through those
-cases (likewise for the gated linear): 60 kernels. `--full` compiles the whole cross
-product, about 2,400. The exit status is 1 if any compile fails, so CI can run it. It must
-run without TRITON_INTERPRET=1: the interpreter replaces `@triton.jit` functions by
-objects `triton.compile` cannot take.
+* shared memory: `compiled.metadata.shared` <= 232448 bytes (227 KB, the per-block
+  opt-in limit of H100/H200); for the autotuned kernels also <= the launchers' estimate
+  (`shared_memory_estimate`, which drops configs on devices with less), and that
+  estimate <= 232448, so the launchers keep every table entry on sm_90;
+* registers: ptxas -v (Triton's own ptxas, for `sm_90a`, on `compiled.asm["ptx"]`) must
+  report 0 bytes of spill stores and spill loads.
+
+What the default mode compiles
+* every config of every table entry of the autotuned kernels (`attention_configs`,
+  `gemm_configs`), i.e. everything the device may autotune over: bf16 at one head dim
+  per BLOCK_D (30, 64, 128, 256), fp16 at 256, and fp32 under both PyTorch TF32 settings
+  (dot precision "tf32" / "tf32x3", or "ieee" at wide heads, see
+  `attention.kernel_precision`), with causal, dropout and seqused_k on and GQA; the GEMM
+  in bf16, fp16, fp32 (both precisions) and bf16 with an fp32 residual (autocast);
+* the other flag combinations, multi-head attention (group == 1, a constant to Triton)
+  and unaligned GEMM widths, rotating through dtypes, head dims (16 and 80 first) and
+  configs, so that every value of every axis compiles at least once;
+* the kernels without autotuning (backward preprocess, gated-linear backward, dropout masks).
+
+`--full` compiles the whole cross product instead: every dtype x precision x head dim
+(16, 30, 64, 80, 128, 256) x flag combination x GQA/MHA x config, and every GEMM config x
+flags x aligned/unaligned. A table (kernel, dtype, head dim, config, flags, registers,
+spill bytes, shared bytes, seconds) is printed, and the exit status is 1 if any kernel
+fails to compile, spills or exceeds shared memory, so CI can run it. It must run
+without TRITON_INTERPRET=1: the interpreter replaces `@triton.jit` functions by objects
+`triton.compile` cannot take.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 
 TARGET_ARCH = 90
-HEAD_DIMS = (30, 32, 48, 64, 80, 128)
-DTYPES = ("bf16", "fp16", "fp32")
-FLAGS = tuple(itertools.product((True, False), repeat=3))  # (causal, dropout, seqused)
+HEAD_DIMS = (16, 30, 64, 80, 128, 256)
+RESOURCE_HEAD_DIMS = (30, 64, 128, 256)  # one per BLOCK_D (16 and 80 share 30's and 128's configs)
+FP16_HEAD_DIMS = (256,)  # fp16 shares bf16's configs; the full mode checks every head dim
+DOT_VARIANTS = (("bf16", None), ("fp16", None), ("fp32", "tf32"), ("fp32", "tf32x3"))  # (dtype, fp32 precision)
+ATTN_FLAGS = tuple(itertools.product((True, False), repeat=3))  # (causal, dropout, seqused)
+GEMM_FLAGS = tuple(itertools.product((True, False), repeat=2))  # (per-channel gate, dropout)
+ATTN_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv")
 
 
 def _kernels():
@@ -56,93 +84,211 @@ def _registry():
     }
 
 
-def _job(kernel, pointers, constexprs, num_warps=4, num_stages=1, unit_strides=()):
-    """One compile: pointer element types by argument name, constexpr values, options.
-    Integer arguments are i32 and float arguments fp32, as the launchers pass them."""
+def _job(kernel, pointers, constexprs, *, num_warps=4, num_stages=1, maxnreg=None, unit_strides=(), divisible=(),
+         dtype="", head_dim="", precision=None, config="", flags="", estimate=None):
+    """One compile: pointer element types by argument name, constexpr values, options, and
+    the labels of its table row. Integer arguments are i32 and float arguments fp32, as
+    the launchers pass them; like Triton's launcher, which specialises an integer argument
+    equal to 1 as a constant and one divisible by 16 as such, `unit_strides` become
+    constexpr 1 and `divisible` get `tt.divisibility = 16`. `estimate`: the launcher's
+    shared-memory estimate, if any."""
+    if not config:  # an untuned kernel: its fixed tile
+        config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BLOCK_M", "BLOCK_N"))
     constexprs = dict(constexprs, **{name: 1 for name in unit_strides})
-    return kernel, pointers, constexprs, {"num_warps": num_warps, "num_stages": num_stages}
+    return dict(kernel=kernel, pointers=pointers, constexprs=constexprs, divisible=tuple(divisible),
+                options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg},
+                dtype=dtype if precision is None else f"{dtype}/{precision}", head_dim=head_dim, config=config,
+                flags=flags, estimate=estimate)
+
+
+def _flag_text(names, values):
+    return "+".join(n for n, v in zip(names, values) if v) or "-"
+
+
+def attention_job(kernel, dtype, precision, head_dim, config, causal, dropout, seqused, mha=False):
+    """The compile job of one attention kernel specialisation. Packed contiguous q/k/v
+    have row and head strides that are multiples of the head dim, so divisible by 16
+    when it is; `mha`: one query head per kv head (group == 1, a constant to Triton)."""
+    attn, _ = _kernels()
+    from deepmlf_kernels.common import describe, dot_class
+
+    common = dict(Q=dtype, K=dtype, V=dtype, LSE="fp32", CU_Q="i32", CU_K="i32", SEQUSED_K="i32", SEED="i64")
+    unit = ("stride_qd", "stride_kd", "stride_vd")
+    strides = ["stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh"]
+    if kernel == "attn_fwd":
+        pointers = dict(common, O=dtype)
+        strides += ["stride_on", "stride_oh"]
+    else:
+        unit += ("stride_dod",)
+        grads = dict(DQ=dtype) if kernel == "attn_bwd_dq" else dict(DK=dtype, DV=dtype)
+        pointers = dict(common, DO=dtype, DELTA="fp32", **grads)
+        strides += ["stride_don", "stride_doh"] + (["stride_dqn", "stride_dqh"] if kernel == "attn_bwd_dq"
+                                                   else ["stride_dkn", "stride_dkh"])
+    bd = attn.block_d(head_dim)
+    cx = dict(HEAD_DIM=head_dim, BLOCK_D=bd, CAUSAL=causal, HAS_SEQUSED=seqused, DROPOUT=dropout,
+              DOT_PRECISION=precision, UPCAST=False, **config.kwargs)
+    if mha:
+        cx["group"] = 1
+    return _job(kernel, pointers, cx, num_warps=config.num_warps, num_stages=config.num_stages,
+                maxnreg=config.maxnreg, unit_strides=unit,
+                divisible=strides if head_dim % 16 == 0 else (), dtype=dtype, head_dim=head_dim,
+                precision=precision, config=describe(config),
+                flags=_flag_text(("causal", "dropout", "seqused", "mha"), (causal, dropout, seqused, mha)),
+                estimate=attn.shared_memory_estimate(kernel, config, bd, dot_class(precision)))
+
+
+def gemm_job(x_dtype, dtype, precision, config, per_channel, dropout, aligned=True):
+    """The compile job of one forward-GEMM specialisation (x/out in `x_dtype`, h/w/y in
+    `dtype`). `aligned`: N, K and the row strides are multiples of 16 (model widths are;
+    the absorbed cross-attention's K = H * 30 need not be). M, the row count, varies by
+    batch and is left unspecialised."""
+    _, gl = _kernels()
+    from deepmlf_kernels.common import describe, dot_class
+
+    pointers = dict(X=x_dtype, H=dtype, W=dtype, G="fp32", OUT=x_dtype, Y=dtype, SEED="i64")
+    cx = dict(PER_CHANNEL=per_channel, DROPOUT=dropout, DOT_PRECISION=precision, UPCAST=False, **config.kwargs)
+    label = dtype if x_dtype == dtype else f"{dtype}+{x_dtype}res"
+    divisible = ("N", "K", "stride_xm", "stride_hm", "stride_wn", "stride_om") if aligned else ()
+    return _job("gated_linear_fwd", pointers, cx, num_warps=config.num_warps, num_stages=config.num_stages,
+                maxnreg=config.maxnreg, unit_strides=("stride_xn", "stride_hk", "stride_wk"), divisible=divisible, dtype=label,
+                precision=precision, config=describe(config),
+                flags=_flag_text(("channel", "dropout", "unaligned"), (per_channel, dropout, not aligned)),
+                estimate=gl.shared_memory_estimate(config, dot_class(precision)))
+
+
+def _attention_variants(head_dims):
+    """(dtype, kernel precision, head dim) the attention launchers produce, once each: fp32
+    asks for "tf32" or "tf32x3", which become "ieee" at wide heads (`kernel_precision`)."""
+    attn, _ = _kernels()
+    seen = {}
+    for (dt, requested), d in itertools.product(DOT_VARIANTS, head_dims):
+        seen[dt, attn.kernel_precision(requested, attn.block_d(d)), d] = None
+    return list(seen)
+
+
+def _attention_configs(kernel, precision, head_dim):
+    attn, _ = _kernels()
+    from deepmlf_kernels.common import dot_class
+
+    return attn.attention_configs(kernel, dot_class(precision), attn.block_d(head_dim))
 
 
 def _attention_jobs(full: bool):
-    attn, _ = _kernels()
-    configs = attn._fwd_kernel.configs
+    jobs = []
     if full:
-        pairs = list(itertools.product(DTYPES, HEAD_DIMS))
-        cases = [(dt, d, fl, c) for dt, d in pairs for fl in FLAGS for c in configs]
-    else:  # every head dim in bf16, fp16/fp32 on a masked and an unmasked one; flags and tiles rotate
-        pairs = [("bf16", d) for d in HEAD_DIMS] + [("fp16", 30), ("fp16", 80), ("fp32", 64), ("fp32", 128)]
-        cases = [(dt, d, FLAGS[i % len(FLAGS)], configs[i % len(configs)]) for i, (dt, d) in enumerate(pairs)]
+        for (dt, prec, d), flags, kernel in itertools.product(_attention_variants(HEAD_DIMS), ATTN_FLAGS,
+                                                               ATTN_KERNELS):
+            for cfg in _attention_configs(kernel, prec, d):
+                for mha in (False, True):
+                    jobs.append(attention_job(kernel, dt, prec, d, cfg, *flags, mha=mha))
+        return jobs
+    # Every config of every table entry, at one head dim per BLOCK_D, with causal, dropout
+    # and seqused_k on (together the most registers) and GQA.
+    worst = ATTN_FLAGS[0]
+    for (dt, prec, d), kernel in itertools.product(_attention_variants(RESOURCE_HEAD_DIMS), ATTN_KERNELS):
+        if dt == "fp16" and d not in FP16_HEAD_DIMS:
+            continue
+        for cfg in _attention_configs(kernel, prec, d):
+            jobs.append(attention_job(kernel, dt, prec, d, cfg, *worst))
+    # The other flag combinations and multi-head attention (group == 1), rotating through
+    # dtypes, the remaining head dims and configs.
+    cases = _attention_variants(HEAD_DIMS)
+    cases = [c for c in cases if c[2] not in RESOURCE_HEAD_DIMS] + cases
+    for i, flags in enumerate(ATTN_FLAGS[1:]):
+        for j, kernel in enumerate(ATTN_KERNELS):
+            dt, prec, d = cases[(3 * i + j) % len(cases)]
+            configs = _attention_configs(kernel, prec, d)
+            jobs.append(attention_job(kernel, dt, prec, d, configs[(i + j) % len(configs)], *flags, mha=j == i % 3))
+    return jobs
+
+
+def _gemm_jobs(full: bool):
+    _, gl = _kernels()
+    from deepmlf_kernels.common import dot_class
 
     jobs = []
-    for dt, d, (causal, dropout, seqused), cfg in cases:
-        common = dict(Q=dt, K=dt, V=dt, LSE="fp32", CU_Q="i32", CU_K="i32", SEQUSED_K="i32", SEED="i64")
-        cx = dict(HEAD_DIM=d, BLOCK_D=attn.block_d(d), CAUSAL=causal, HAS_SEQUSED=seqused, DROPOUT=dropout,
-                  UPCAST=False, **cfg.kwargs)
-        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        unit = ("stride_qd", "stride_kd", "stride_vd")
-        jobs.append(_job("attn_fwd", dict(common, O=dt), cx, unit_strides=unit, **opts))
-        grads = dict(common, DO=dt, DELTA="fp32")
-        jobs.append(_job("attn_bwd_dq", dict(grads, DQ=dt), cx, unit_strides=unit + ("stride_dod",), **opts))
-        jobs.append(_job("attn_bwd_dkdv", dict(grads, DK=dt, DV=dt), cx, unit_strides=unit + ("stride_dod",), **opts))
-    for dt, d in itertools.product(DTYPES, sorted({attn.block_d(d) for d in HEAD_DIMS} | {30})):
+    variants = [(dt, dt, prec) for dt, prec in DOT_VARIANTS] + [("fp32", "bf16", None)]  # + bf16 autocast
+    for x_dt, dt, prec in variants:
+        for flags in GEMM_FLAGS if full else GEMM_FLAGS[:1]:
+            for aligned in (True, False) if full else (True,):
+                for cfg in gl.gemm_configs(dot_class(prec)):
+                    jobs.append(gemm_job(x_dt, dt, prec, cfg, *flags, aligned=aligned))
+    if not full:  # the other flag combinations and an unaligned K, rotating
+        for i, flags in enumerate(GEMM_FLAGS):
+            x_dt, dt, prec = variants[i % len(variants)]
+            configs = gl.gemm_configs(dot_class(prec))
+            jobs.append(gemm_job(x_dt, dt, prec, configs[i % len(configs)], *flags, aligned=False))
+    return jobs
+
+
+def _untuned_jobs():
+    attn, gl = _kernels()
+    jobs = []
+    for dt, d in [("bf16", d) for d in HEAD_DIMS] + [("fp32", 30), ("fp32", 256), ("fp16", 64)]:
+        strides = ("stride_on", "stride_oh", "stride_don", "stride_doh") if d % 16 == 0 else ()
         jobs.append(_job("attn_bwd_preprocess", dict(O=dt, DO=dt, DELTA="fp32"),
                          dict(HEAD_DIM=d, BLOCK_M=attn.PREPROCESS_BLOCK_M, BLOCK_D=attn.block_d(d)),
-                         unit_strides=("stride_dod",)))
-    jobs.append(_job("attn_dropout_mask", dict(SEED="i64", MASK="i8"), dict(BLOCK_M=64, BLOCK_N=64)))
-    return jobs
-
-
-def _gated_linear_jobs(full: bool):
-    _, gl = _kernels()
-    configs = gl._fwd_kernel.configs
-    flags = list(itertools.product((True, False), repeat=2))  # (per-channel gate, dropout)
-    if full:
-        cases = [(dt, fl, c) for dt in DTYPES for fl in flags for c in configs]
-    else:
-        cases = [(DTYPES[i % len(DTYPES)], fl, configs[i % len(configs)]) for i, fl in enumerate(flags)]
-    jobs = []
-    for dt, (per_channel, dropout), cfg in cases:
-        jobs.append(_job(
-            "gated_linear_fwd", dict(X=dt, H=dt, W=dt, G="fp32", OUT=dt, Y=dt, SEED="i64"),
-            dict(PER_CHANNEL=per_channel, DROPOUT=dropout, UPCAST=False, **cfg.kwargs),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, unit_strides=("stride_xn", "stride_hk", "stride_wk"),
-        ))
-        jobs.append(_job(
-            "gated_linear_bwd", dict(DOUT=dt, Y=dt, G="fp32", SEED="i64", DZ=dt, PARTIAL="fp32"),
-            dict(PER_CHANNEL=per_channel, DROPOUT=dropout,
-                 BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
-            unit_strides=("stride_don",),
-        ))
-    # Under bf16 autocast the residual stream stays fp32 while the product runs in bf16.
-    cfg = configs[0]
-    jobs.append(_job(
-        "gated_linear_fwd", dict(X="fp32", H="bf16", W="bf16", G="fp32", OUT="fp32", Y="bf16", SEED="i64"),
-        dict(PER_CHANNEL=False, DROPOUT=True, UPCAST=False, **cfg.kwargs),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, unit_strides=("stride_xn", "stride_hk", "stride_wk"),
-    ))
-    jobs.append(_job(
-        "gated_linear_bwd", dict(DOUT="fp32", Y="bf16", G="fp32", SEED="i64", DZ="bf16", PARTIAL="fp32"),
-        dict(PER_CHANNEL=False, DROPOUT=True, BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
-        unit_strides=("stride_don",),
-    ))
+                         unit_strides=("stride_dod",), divisible=strides, dtype=dt, head_dim=d))
+    jobs.append(_job("attn_dropout_mask", dict(SEED="i64", MASK="i8"),
+                     dict(BLOCK_M=attn.MASK_BLOCK, BLOCK_N=attn.MASK_BLOCK), num_warps=attn.MASK_WARPS, dtype="i8"))
+    for dout_dt, dt in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("fp32", "bf16")):
+        for per_channel, dropout in GEMM_FLAGS:
+            jobs.append(_job(
+                "gated_linear_bwd", dict(DOUT=dout_dt, Y=dt, G="fp32", SEED="i64", DZ=dt, PARTIAL="fp32"),
+                dict(PER_CHANNEL=per_channel, DROPOUT=dropout, UPCAST=False,
+                     BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N),
+                unit_strides=("stride_don",), divisible=("N", "stride_dom", "stride_ym"),
+                dtype=dt if dout_dt == dt else f"{dt}+{dout_dt}res",
+                flags=_flag_text(("channel", "dropout"), (per_channel, dropout)),
+            ))
     jobs.append(_job("gated_linear_mask", dict(SEED="i64", MASK="i8"),
-                     dict(BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N)))
+                     dict(BLOCK_M=gl.BWD_BLOCK_M, BLOCK_N=gl.BWD_BLOCK_N), dtype="i8"))
     return jobs
 
 
-def jobs(full: bool = False):
-    """Every compile job of the covering set (or the full product)."""
-    return _attention_jobs(full) + _gated_linear_jobs(full)
+def jobs(full: bool = False) -> list[dict]:
+    """Every compile job of the default set (or of the full product)."""
+    return _attention_jobs(full) + _gemm_jobs(full) + _untuned_jobs()
 
 
-def compile_one(job) -> tuple[str, float, str | None]:
-    """Compile one job for sm_90. Returns (description, seconds, error text or None)."""
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, spill-load bytes) that Triton's ptxas reports for `ptx`."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+             "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    usage = _parse_ptxas(proc.stderr)
+    if usage is None:
+        raise RuntimeError(f"cannot read ptxas -v output:\n{proc.stderr}")
+    return usage
+
+
+def _parse_ptxas(log: str) -> tuple[int, int, int] | None:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        return None
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one job for sm_90 and measure it. Returns the job's labels plus seconds,
+    regs, spill (store + load bytes), shared, and `problems` (list of strings)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, pointers, constexprs, options = job
-    fn = _registry()[kernel]
+    from deepmlf_kernels.common import SM90_MAX_SHARED
+
+    fn = _registry()[job["kernel"]]
+    constexprs, pointers = job["constexprs"], job["pointers"]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -154,22 +300,53 @@ def compile_one(job) -> tuple[str, float, str | None]:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    flags = {k: v for k, v in constexprs.items() if not k.startswith("stride_")}
-    desc = f"{kernel} {','.join(f'{v}' for v in pointers.values())[:40]} {flags} {options}"
+            if name in job["divisible"]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    record = {k: job[k] for k in ("kernel", "dtype", "head_dim", "config", "flags")}
+    record.update(regs=None, spill=None, shared=None, problems=[])
     start = time.perf_counter()
     try:
-        compiled = triton.compile(
-            ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", TARGET_ARCH, 32), options=options
-        )
+        # Triton runs ptxas -v itself and prints its report under TRITON_DUMP_PTXAS_LOG;
+        # a kernel from Triton's cache comes without one, and ptxas runs again here.
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", TARGET_ARCH, 32), options=job["options"])
         if not compiled.asm.get("cubin"):
             raise RuntimeError("no cubin produced")
+        usage = _parse_ptxas(log.getvalue())
+        if usage is None:
+            usage = ptxas_usage(compiled.asm["ptx"], compiled.metadata.target.arch)
+        regs, spill_stores, spill_loads = usage
     except Exception:  # report every failure, keep compiling the rest
-        return desc, time.perf_counter() - start, traceback.format_exc(limit=3)
-    return desc, time.perf_counter() - start, None
+        record["problems"].append("compile failed:\n" + traceback.format_exc(limit=3))
+        record["seconds"] = time.perf_counter() - start
+        return record
+    record["seconds"] = time.perf_counter() - start
+    shared = compiled.metadata.shared
+    record.update(regs=regs, spill=spill_stores + spill_loads, shared=shared)
+    if spill_stores or spill_loads:
+        record["problems"].append(f"spills {spill_stores} B stores, {spill_loads} B loads per thread")
+    if shared > SM90_MAX_SHARED:
+        record["problems"].append(f"shared memory {shared} B > {SM90_MAX_SHARED} B")
+    if job["estimate"] is not None and shared > job["estimate"]:
+        record["problems"].append(f"shared memory {shared} B > launcher estimate {job['estimate']} B")
+    if job["estimate"] is not None and job["estimate"] > SM90_MAX_SHARED:
+        record["problems"].append(f"launcher estimate {job['estimate']} B > {SM90_MAX_SHARED} B: never run on sm_90")
+    return record
+
+
+def _row(r: dict) -> str:
+    def num(v):
+        return "-" if v is None else str(v)
+
+    status = "FAIL" if r["problems"] else "ok"
+    return (f"{status:4} {r['kernel']:19} {r['dtype']:13} {num(r['head_dim']):>3} {r['config']:48} {r['flags']:27} "
+            f"{num(r['regs']):>4} {num(r['spill']):>5} {num(r['shared']):>6} {r['seconds']:5.1f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Compile the job list for sm_90, print one line per kernel; 0 if all compiled, else 1."""
+    """Compile and check the job list for sm_90, print the table; 0 if all pass, else 1."""
     parser = argparse.ArgumentParser(prog="python -m deepmlf_kernels.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="compile the whole cross product")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
@@ -177,18 +354,29 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot: unset TRITON_INTERPRET; the interpreter's kernels cannot be compiled", file=sys.stderr)
         return 2
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # inherited by the workers, see compile_one
+
+    from deepmlf_kernels.common import SM90_MAX_SHARED
 
     todo = jobs(args.full)
     start = time.perf_counter()
     failed = 0
+    print(f"{'':4} {'kernel':19} {'dtype':13} {'hd':>3} {'config':48} {'flags':27} {'regs':>4} {'spill':>5} "
+          f"{'shared':>6}")
+    worst: dict[str, list[int]] = {}  # kernel -> [compiled, max regs, max shared]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for desc, seconds, error in pool.map(compile_one, todo):
-            print(f"{'FAIL' if error else 'ok  '} {seconds:5.2f}s {desc}", flush=True)
-            if error:
+        for record in pool.map(compile_one, todo):
+            print(_row(record), flush=True)
+            if record["problems"]:
                 failed += 1
-                print(error, file=sys.stderr)
-    print(f"aot: {len(todo) - failed}/{len(todo)} kernels compiled for sm_{TARGET_ARCH} "
-          f"in {time.perf_counter() - start:.1f}s")
+                print("     " + "\n     ".join(record["problems"]), flush=True)
+            if record["regs"] is not None:
+                w = worst.setdefault(record["kernel"], [0, 0, 0])
+                w[:] = w[0] + 1, max(w[1], record["regs"]), max(w[2], record["shared"])
+    for kernel, (n, regs, shared) in worst.items():
+        print(f"aot: {kernel:19} {n:5} compiled, at most {regs} registers and {shared} B shared memory")
+    print(f"aot: {len(todo) - failed}/{len(todo)} kernels compiled for sm_{TARGET_ARCH} without spills and within "
+          f"{SM90_MAX_SHARED} B of shared memory in {time.perf_counter() - start:.1f}s")
     return 1 if failed else 0
 
 

@@ -10,10 +10,15 @@ Supports
   views are read in place), `cu_seqlens_q/k` `(B+1,)` int32, optional `seqused_k` `(B,)`;
 * causal masking aligned bottom-right (query i sees key j iff j <= i + Lk - Lq) or none;
 * grouped/multi-query attention, Hq % Hkv == 0 (query head h reads kv head h // (Hq/Hkv));
-* head dims 1..256 through `BLOCK_D = next_pow2(max(d, 16))` and masked loads
+* head dims 1..256 through `BLOCK_D = next_pow2(max(d, 32))` and masked loads
   (30 for the absorbed cross-attention, 48, 64, 80, 128 in the presets);
-* fp32 / bf16 / fp16 inputs, fp32 softmax and accumulation. bf16/fp16 dots run on tensor
-  cores; fp32 dots use IEEE fp32, not TF32 (correct, and several times slower);
+* fp32 / bf16 / fp16 inputs, fp32 softmax and accumulation. bf16/fp16 dots run on
+  tensor cores (P and dS narrowed to the operand dtype first, as in FlashAttention);
+  fp32 dots follow PyTorch's cuBLAS setting, read at every launch
+  (`deepmlf_kernels.common.dot_precision`): TF32 when
+  `torch.backends.cuda.matmul.fp32_precision == "tf32"` (or `allow_tf32`), otherwise
+  3xTF32, fp32-accurate on tensor cores; past BLOCK_D 128 (TF32) or 64 (3xTF32), where
+  the tensor-core operands spill, IEEE fp32 FMA (`kernel_precision`);
 * dropout on the attention probabilities from in-kernel Philox: element (b, h, i, j) draws
   `tl.rand(seed, ((b*Hq + h)*max_seqlen_q + i)*max_seqlen_k + j)`, with the seed read from
   a 1-element int64 tensor (CUDA-graph friendly). Backward regenerates the same bits, and
@@ -31,14 +36,29 @@ Limits
 * no attention bias, no sliding window, no softcap, no KV cache paging;
 * tiles are tuned for short rows (16-64); long sequences work but are not where it shines.
 
+Tiles: `ATTN_TABLE` lists, per kernel, dot class (bf16/fp16, TF32, 3xTF32) and BLOCK_D,
+the (BLOCK_M, BLOCK_N, num_warps, num_stages) configs the launchers autotune over;
+`python -m deepmlf_kernels.aot` proves every entry compiles for sm_90 without register
+spills and within 227 KB of shared memory. Larger head dims and fp32 get smaller tiles
+and 8 warps. `DEEPMLF_TRITON_CONFIG` pins or narrows the choice at launch time (see
+`deepmlf_kernels.common`). Autotuning launches each candidate several times on the same
+arguments; every kernel here is safe under that, since none reads a buffer it writes:
+each output element is stored once from values computed in registers, never
+accumulated in memory.
+
 Differences from the Triton tutorial (06-fused-attention): ragged lengths and padding in
 one launch, bottom-right causal, GQA, arbitrary head dims and strides, dropout, a
 deterministic GQA-aware backward. From FlashAttention-2 CUDA: same API and semantics,
 smaller tiles, no split-KV.
 
-Under `TRITON_INTERPRET=1` (CPU tests) every load is upcast to fp32 right away, because
-the interpreter computes bf16 dots and element-wise bf16 math wrongly, and the autotuner
-gets a single large tile, because interpreter time grows with the number of programs.
+Under `TRITON_INTERPRET=1` (CPU tests) tensors keep the dtypes the GPU uses and the two
+operations the interpreter gets wrong go through helpers (`deepmlf_kernels.common`):
+`_dot` computes on fp32 copies of its operands (emulating TF32 / 3xTF32 rounding for fp32
+ones) and `_round` narrows to bf16 with integer round-to-nearest-even, at every point
+where the GPU path narrows (P before P.V, dS before dQ and dK, P_drop before dV, every
+store of a bf16/fp16 result). A missing narrowing therefore fails there as it fails to
+compile on the GPU. The interpreter cannot time configs, so an unpinned launch runs the
+largest tile of its candidates; the tests pin every other one.
 """
 
 from __future__ import annotations
@@ -49,21 +69,11 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = triton.knobs.runtime.interpret
+from deepmlf_kernels.common import (
+    INTERPRET, MAX_REGISTERS, TunedKernel, _dot, _round, dot_class, dot_precision, max_shared_memory,
+)
+
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
-
-
-def _attn_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    # Rows are short (8-500): tiles of 16-64 waste less on padding than FA2's 128x128.
-    tiles = ((16, 64), (32, 32), (32, 64), (64, 32), (64, 64))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=2) for m, n in tiles]
-
-
-# Tuned once per (dtype, head dim, flags); lengths are left out of the key on purpose,
-# since they change every batch and each retune costs about a second.
-_ATTN_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT"]
 
 
 @triton.jit
@@ -105,9 +115,11 @@ def _varlen_attn_fwd_kernel(
     stride_on, stride_oh,
     n_rows_q, n_heads, group, max_seqlen_q, max_seqlen_k, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """O and LSE of one (query block, query head, sample). Writes only O and LSE and
+    reads neither, so repeated launches (autotuning) give the same result."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -127,8 +139,6 @@ def _varlen_attn_fwd_kernel(
         Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd,
         mask=mask_m[:, None] & mask_d[None, :], other=0.0,
     )  # (BLOCK_M, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
     k_base = K + k_start * stride_kn + h_kv * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + k_start * stride_vn + h_kv * stride_vh + offs_d[None, :] * stride_vd
     if DROPOUT:
@@ -148,10 +158,7 @@ def _varlen_attn_fwd_kernel(
         kv_mask = (kn < k_len)[:, None] & mask_d[None, :]
         k = tl.load(k_base + kn[:, None] * stride_kn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_base + kn[:, None] * stride_vn, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(_visible(offs_m, kn, k_len, causal_offset, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         correction = tl.exp2(m_i - m_new)
@@ -160,7 +167,8 @@ def _varlen_attn_fwd_kernel(
         if DROPOUT:
             keep = _dropout_keep(seed, b, h, n_heads, offs_m, kn, max_seqlen_q, max_seqlen_k, dropout_p)
             p = tl.where(keep, p, 0.0)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        # P is narrowed to V's dtype for the tensor-core product, as FlashAttention does.
+        acc = acc * correction[:, None] + _dot(_round(p, v.dtype, UPCAST), v, DOT_PRECISION, UPCAST)
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -169,7 +177,7 @@ def _varlen_attn_fwd_kernel(
         out = out * (1.0 / (1.0 - dropout_p))
     tl.store(
         O + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
-        out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
+        _round(out, O.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_d[None, :],
     )
     # lse of the scaled scores in natural log; +inf on empty rows makes every recomputed
     # probability exp(s - lse) exactly 0 in the backward.
@@ -184,7 +192,8 @@ def _varlen_attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) per (head, row): the softmax backward's correction term.
-    With dropout it still equals rowsum(P * dP) because O already carries the mask."""
+    With dropout it still equals rowsum(P * dP) because O already carries the mask.
+    Writes only DELTA (not autotuned)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -208,9 +217,11 @@ def _varlen_attn_bwd_dq_kernel(
     stride_dqn, stride_dqh,
     n_rows_q, n_heads, group, max_seqlen_q, max_seqlen_k, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dQ of one (query block, query head, sample), accumulated in registers over the
+    key blocks. Writes only DQ and reads it nowhere: repeated launches are harmless."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -230,9 +241,6 @@ def _varlen_attn_bwd_dq_kernel(
     rows = (q_start + offs_m)[:, None]
     q = tl.load(Q + rows * stride_qn + h * stride_qh + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
     do = tl.load(DO + rows * stride_don + h * stride_doh + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     lse2 = tl.load(LSE + h * n_rows_q + q_start + offs_m, mask=mask_m, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + h * n_rows_q + q_start + offs_m, mask=mask_m, other=0.0)
     k_base = K + k_start * stride_kn + h_kv * stride_kh + offs_d[None, :] * stride_kd
@@ -251,21 +259,19 @@ def _varlen_attn_bwd_dq_kernel(
         kv_mask = (kn < k_len)[:, None] & mask_d[None, :]
         k = tl.load(k_base + kn[:, None] * stride_kn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_base + kn[:, None] * stride_vn, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
         vis = _visible(offs_m, kn, k_len, causal_offset, CAUSAL)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed, b, h, n_heads, offs_m, kn, max_seqlen_q, max_seqlen_k, dropout_p)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        dq += _dot(_round(ds, k.dtype, UPCAST), k, DOT_PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(
-        DQ + rows * stride_dqn + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask
+        DQ + rows * stride_dqn + h * stride_dqh + offs_d[None, :], _round(dq, DQ.dtype.element_ty, UPCAST),
+        mask=qd_mask,
     )
 
 
@@ -279,9 +285,12 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_dkn, stride_dkh,
     n_rows_q, n_heads, group, max_seqlen_q, max_seqlen_k, sm_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dK and dV of one (key block, kv head, sample), accumulated in registers over the
+    group's query heads and their query blocks, so no atomics and a fixed summation
+    order. Writes only DK and DV and reads neither: repeated launches are harmless."""
     pid_n = tl.program_id(0)
     h_kv = tl.program_id(1)
     b = tl.program_id(2)
@@ -304,9 +313,6 @@ def _varlen_attn_bwd_dkdv_kernel(
         V + (k_start + offs_n)[:, None] * stride_vn + h_kv * stride_vh + offs_d[None, :] * stride_vd,
         mask=kv_mask, other=0.0,
     )
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     if DROPOUT:
         seed = tl.load(SEED)
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -331,30 +337,27 @@ def _varlen_attn_bwd_dkdv_kernel(
             qd_mask = mask_m[:, None] & mask_d[None, :]
             q = tl.load(q_base + qm[:, None] * stride_qn, mask=qd_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
             do = tl.load(do_base + qm[:, None] * stride_don, mask=qd_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
             lse2 = tl.load(LSE + h * n_rows_q + q_start + qm, mask=mask_m, other=float("inf")) * LOG2E
             delta = tl.load(DELTA + h * n_rows_q + q_start + qm, mask=mask_m, other=0.0)
 
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
             vis = _visible(qm, offs_n, k_len, causal_offset, CAUSAL) & mask_m[:, None]
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST)
             if DROPOUT:
                 keep = _dropout_keep(seed, b, h, n_heads, qm, offs_n, max_seqlen_q, max_seqlen_k, dropout_p)
                 p_drop = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
             else:
                 p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
+            dv += _dot(tl.trans(_round(p_drop, do.dtype, UPCAST)), do, DOT_PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            dk += _dot(tl.trans(_round(ds, q.dtype, UPCAST)), q, DOT_PRECISION, UPCAST)
     dk = dk * sm_scale
     out_mask = (offs_n < k_span)[:, None] & mask_d[None, :]
     out_off = (k_start + offs_n)[:, None] * stride_dkn + h_kv * stride_dkh + offs_d[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+    tl.store(DK + out_off, _round(dk, DK.dtype.element_ty, UPCAST), mask=out_mask)
+    tl.store(DV + out_off, _round(dv, DV.dtype.element_ty, UPCAST), mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k"])
@@ -375,22 +378,128 @@ def _attn_dropout_mask_kernel(
         tl.store(MASK + row[:, None] * max_seqlen_k + offs_n[None, :], keep.to(tl.int8), mask=mask)
 
 
-_fwd_kernel = triton.autotune(_attn_configs(), key=_ATTN_KEY)(_varlen_attn_fwd_kernel)
-_bwd_dq_kernel = triton.autotune(_attn_configs(), key=_ATTN_KEY)(_varlen_attn_bwd_dq_kernel)
-_bwd_dkdv_kernel = triton.autotune(_attn_configs(), key=_ATTN_KEY)(_varlen_attn_bwd_dkdv_kernel)
+# Configs per kernel, dot class and BLOCK_D: (BLOCK_M, BLOCK_N, num_warps, num_stages),
+# four at most so autotuning stays short. Rows are short (8-500): tiles of 16-64 waste
+# less on padding than FA2's 128x128, and a 16-row tile fits the 8-20 fusion queries.
+# Chosen from sweeps of ptxas -v on sm_90: per tile, the warps / stages with the fewest
+# registers, and no tile that spills or comes within ~15 registers of the 255 limit in
+# any flag combination (`python -m deepmlf_kernels.aot` checks them). Wider heads and
+# fp32 get 8 warps and smaller tiles; the dK/dV kernel, which holds K, V, dK and dV
+# across its loop, is the tightest.
+ATTN_TABLE = {
+    "attn_fwd": {
+        ("16bit", 32): ((16, 64, 4, 2), (32, 32, 4, 1), (64, 32, 4, 1), (64, 64, 8, 2)),
+        ("16bit", 64): ((16, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 1), (64, 64, 8, 2)),
+        ("16bit", 128): ((16, 64, 8, 2), (32, 64, 8, 1), (64, 32, 8, 1), (64, 64, 8, 2)),
+        ("16bit", 256): ((16, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
+        **{("tf32", bd): ((16, 32, 8, 1), (32, 32, 4, 1), (16, 64, 8, 1), (64, 32, 8, 1)) for bd in (32, 64)},
+        ("tf32", 128): ((16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1), (32, 64, 8, 1)),
+        **{("tf32x3", bd): ((16, 32, 4, 1), (16, 64, 8, 1), (64, 32, 4, 1)) for bd in (32, 64)},
+        ("ieee", 128): ((16, 32, 8, 1), (32, 64, 8, 1)),
+        ("ieee", 256): ((16, 16, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)),
+    },
+    "attn_bwd_dq": {
+        ("16bit", 32): ((16, 64, 4, 1), (32, 32, 4, 1), (64, 32, 8, 1), (64, 64, 8, 2)),
+        ("16bit", 64): ((16, 64, 8, 1), (32, 64, 8, 1), (64, 32, 8, 1), (64, 64, 8, 2)),
+        ("16bit", 128): ((16, 64, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
+        ("16bit", 256): ((16, 32, 8, 2), (16, 64, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2)),
+        **{("tf32", bd): ((16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1), (64, 16, 8, 1)) for bd in (32, 64)},
+        ("tf32", 128): ((16, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1)),
+        **{("tf32x3", bd): ((16, 16, 4, 1), (16, 32, 4, 1), (16, 64, 8, 1)) for bd in (32, 64)},
+        ("ieee", 128): ((16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1)),
+        ("ieee", 256): ((16, 32, 8, 1),),
+    },
+    "attn_bwd_dkdv": {
+        ("16bit", 32): ((16, 64, 8, 1), (32, 32, 8, 1), (32, 64, 8, 2), (64, 32, 8, 1)),
+        ("16bit", 64): ((16, 64, 8, 1), (32, 32, 4, 1), (32, 64, 8, 2), (64, 32, 8, 1)),
+        ("16bit", 128): ((16, 64, 8, 2), (32, 16, 8, 2), (32, 32, 4, 1), (32, 64, 8, 2)),
+        ("16bit", 256): ((16, 16, 8, 2), (16, 32, 8, 1), (32, 16, 8, 2), (32, 32, 8, 1)),
+        **{("tf32", bd): ((16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1), (16, 64, 8, 1)) for bd in (32, 64)},
+        ("tf32", 128): ((16, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1)),
+        **{("tf32x3", bd): ((16, 16, 8, 1), (16, 64, 8, 1)) for bd in (32, 64)},
+        ("ieee", 128): ((16, 16, 4, 1), (32, 16, 8, 1)),
+        ("ieee", 256): ((16, 16, 8, 1),),
+    },
+}
+# fp32 dots take the tensor-core precision PyTorch's setting asks for up to this BLOCK_D
+# and IEEE FMA beyond: tensor-core operand fragments are replicated across the warps of
+# a narrow tile and 3xTF32 holds two of each, so wider heads spill in the backward.
+# IEEE is as accurate as 3xTF32 and at least as accurate as TF32.
+FP32_TENSOR_CORE_MAX_BLOCK_D = {"tf32": 128, "tf32x3": 64}
+
+
+def kernel_precision(precision: str | None, block_d: int) -> str | None:
+    """The attention kernels' DOT_PRECISION for the requested one (`dot_precision`) at
+    `block_d`: unchanged for bf16/fp16 (None) and narrow heads, "ieee" for wider fp32 heads."""
+    if precision in FP32_TENSOR_CORE_MAX_BLOCK_D and block_d > FP32_TENSOR_CORE_MAX_BLOCK_D[precision]:
+        return "ieee"
+    return precision
+
+
+def attention_configs(kernel: str, cls: str, block_d: int) -> list[triton.Config]:
+    """The configs `kernel` ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv") may run with for
+    dot class `cls` ("16bit", "tf32", "tf32x3", "ieee") and padded head dim `block_d`."""
+    return [_config(*tile) for tile in ATTN_TABLE[kernel][(cls, block_d)]]
+
+
+def _config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+                         maxnreg=MAX_REGISTERS)
+
+
+def _space(kernel):
+    def space(args):
+        cls, bd = dot_class(args["DOT_PRECISION"]), args["BLOCK_D"]
+        limit = max_shared_memory(args["Q"].device)
+        return [c for c in attention_configs(kernel, cls, bd) if shared_memory_estimate(kernel, c, bd, cls) <= limit]
+
+    return space
+
+
+def shared_memory_estimate(kernel: str, config: triton.Config, block_d: int, cls: str) -> int:
+    """Upper estimate of the shared memory (bytes) `kernel` needs with `config` for dot
+    class `cls` (`dot_class`): the tiles the loop streams (K and V blocks in the forward
+    and dQ, Q and dO blocks in dK/dV) once per pipeline stage, the tiles held across the
+    loop (twice under 3xTF32, which splits them into two parts), and an fp32
+    (BLOCK_M, BLOCK_N) tile for layout changes. `python -m deepmlf_kernels.aot` checks
+    that it bounds what Triton allocates for sm_90 and admits every table entry there."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    # dQ and dK/dV also hold a streamed block in a second operand layout.
+    streamed, held = {"attn_fwd": (2 * n, m), "attn_bwd_dq": (2 * n, 2 * m + n),
+                      "attn_bwd_dkdv": (2 * m, 2 * n + 2 * m)}[kernel]
+    if cls == "tf32x3":
+        held *= 2
+    return (2 if cls == "16bit" else 4) * block_d * (streamed * stages + held) + 4 * m * n
+
+
+def _tuned(name, fn):
+    tiles = dict.fromkeys(tile for table in ATTN_TABLE[name].values() for tile in table)  # ordered union
+    return TunedKernel(name, fn, [_config(*tile) for tile in tiles], _ATTN_KEY, _space(name))
+
+
+# Tuned once per (dtype, head dim, flags, dot precision); lengths are left out of the key
+# on purpose, since they change every batch and each retune costs about a second.
+_ATTN_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "DOT_PRECISION"]
+_fwd_kernel = _tuned("attn_fwd", _varlen_attn_fwd_kernel)
+_bwd_dq_kernel = _tuned("attn_bwd_dq", _varlen_attn_bwd_dq_kernel)
+_bwd_dkdv_kernel = _tuned("attn_bwd_dkdv", _varlen_attn_bwd_dkdv_kernel)
 PREPROCESS_BLOCK_M = 64
+MASK_BLOCK, MASK_WARPS = 64, 8  # 64x64 Philox draws spill on 4 warps
 
 
 def block_d(head_dim: int) -> int:
-    """Padded head dim the kernels tile with: next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """Padded head dim the kernels tile with: the next power of two, at least 32 (tl.dot
+    needs 16; a 16-wide head padded to 32 costs little and shares the 32 configs, one
+    specialisation fewer to tune and check)."""
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def _flags(q, seqused_k, dropout_p, causal):
     d = q.shape[-1]
     return dict(
         HEAD_DIM=d, BLOCK_D=block_d(d), CAUSAL=causal, HAS_SEQUSED=seqused_k is not None,
-        DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET,
+        DROPOUT=dropout_p > 0.0, DOT_PRECISION=kernel_precision(dot_precision(q.dtype), block_d(d)),
+        UPCAST=INTERPRET,
     )
 
 
@@ -460,9 +569,9 @@ def attention_dropout_mask(seed: torch.Tensor, batch: int, n_heads: int, max_seq
     max_seqlen_k)` bool; pass it to `varlen_attention_reference(dropout_mask=...)`."""
     mask = torch.empty((batch, n_heads, max_seqlen_q, max_seqlen_k), dtype=torch.int8, device=seed.device)
     if mask.numel() > 0:
-        block = 64
-        _attn_dropout_mask_kernel[(triton.cdiv(max_seqlen_q, block), n_heads, batch)](
-            seed, mask, n_heads, max_seqlen_q, max_seqlen_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
+        _attn_dropout_mask_kernel[(triton.cdiv(max_seqlen_q, MASK_BLOCK), n_heads, batch)](
+            seed, mask, n_heads, max_seqlen_q, max_seqlen_k, dropout_p, BLOCK_M=MASK_BLOCK, BLOCK_N=MASK_BLOCK,
+            num_warps=MASK_WARPS,
         )
     return mask.view(torch.bool)
 

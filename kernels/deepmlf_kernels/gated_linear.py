@@ -12,8 +12,20 @@ Supports
 * dropout on `h @ W^T` from in-kernel Philox: element (m, n) keeps iff
   `tl.rand(seed, m*N + n) > p`, seed read from a 1-element int64 tensor;
   `gated_linear_dropout_mask` materialises the same bits;
-* fp32 / bf16 / fp16, fp32 accumulation (IEEE fp32 dots for fp32 inputs, not TF32);
+* fp32 / bf16 / fp16, fp32 accumulation on tensor cores; fp32 operands in the precision
+  PyTorch's cuBLAS setting selects at each launch, as the backward's torch matmuls do:
+  TF32 when `torch.backends.cuda.matmul.fp32_precision == "tf32"` (or `allow_tf32`),
+  otherwise 3xTF32, which is fp32-accurate (`deepmlf_kernels.common.dot_precision`);
 * deterministic backward.
+
+Tiles: `GEMM_TABLE` lists the (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) configs
+the forward autotunes over per dot class, each checked by `python -m deepmlf_kernels.aot`
+to compile for sm_90 without spills and within shared memory; `DEEPMLF_TRITON_CONFIG`
+pins or narrows them at launch time (`deepmlf_kernels.common`). Autotuning launches a
+config several times on the same arguments, which is safe here: no kernel reads a buffer
+it writes (`out` and `y` are fresh tensors, never x), and nothing accumulates in memory.
+Under `TRITON_INTERPRET=1` the product and the bf16 stores go through
+`deepmlf_kernels.common`'s `_dot` / `_round`, which reproduce the GPU's arithmetic.
 
 Forward: one launch writes `out` and `y = dropout(h @ W^T)` (pre-gate). `y` is saved
 rather than recomputed because dg needs it: storing it costs one extra M x N write in
@@ -33,15 +45,32 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = triton.knobs.runtime.interpret
+from deepmlf_kernels.common import (
+    INTERPRET, MAX_REGISTERS, TunedKernel, _dot, _round, dot_class, dot_precision, max_shared_memory,
+)
+
+# Tiles per dot class: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). M = B*F fusion
+# rows is small, so tiles stay at 64 rows or fewer. 64x128 and 128x64 tiles spill on
+# sm_90 (or come within a few registers of it): in bf16 when K or N is not a multiple of
+# 16 (the absorbed cross-attention's K = H*30), in fp32 (twice the bytes, and 3xTF32
+# splits each operand in two) always; fp32 also takes BLOCK_K = 32.
+# `python -m deepmlf_kernels.aot` checks every entry.
+_FP32_TILES = ((32, 64, 32, 4, 3), (64, 64, 32, 8, 3))
+GEMM_TABLE = {
+    "16bit": ((32, 64, 64, 8, 3), (64, 64, 64, 8, 3)),
+    "tf32": _FP32_TILES,
+    "tf32x3": _FP32_TILES,
+}
 
 
-def _gemm_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    tiles = ((32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 8, 3))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in tiles]
+def gemm_configs(cls: str) -> list[triton.Config]:
+    """The configs the forward GEMM may run with for dot class `cls` ("16bit", "tf32", "tf32x3")."""
+    return [_config(*tile) for tile in GEMM_TABLE[cls]]
+
+
+def _config(block_m, block_n, block_k, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps,
+                         num_stages=num_stages, maxnreg=MAX_REGISTERS)
 
 
 @triton.jit
@@ -64,9 +93,12 @@ def _gated_linear_fwd_kernel(
     M, N, K,
     stride_xm, stride_xn, stride_hm, stride_hk, stride_wn, stride_wk, stride_om,
     dropout_p,
-    PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """OUT and Y of one (BLOCK_M, BLOCK_N) tile, accumulated in registers over K. Writes
+    only OUT and Y, reads neither (the launcher allocates them), so repeated launches
+    (autotuning) give the same result."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,10 +113,7 @@ def _gated_linear_fwd_kernel(
         mask_k = (k0 + offs_k) < K
         h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc += tl.dot(h, w, input_precision="ieee")
+        acc += _dot(h, w, DOT_PRECISION, UPCAST)
         h_ptrs += BLOCK_K * stride_hk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -97,8 +126,8 @@ def _gated_linear_fwd_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     x = tl.load(X + rows * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
     out_off = rows * stride_om + offs_n[None, :]
-    tl.store(OUT + out_off, (x + g * y).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(OUT + out_off, _round(x + g * y, OUT.dtype.element_ty, UPCAST), mask=mask)
+    tl.store(Y + out_off, _round(y, Y.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -107,9 +136,11 @@ def _gated_linear_bwd_kernel(
     M, N,
     stride_dom, stride_don, stride_ym,
     dropout_p,
-    PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """DZ of one tile and its partial sum of dY * y into PARTIAL (stored, not added:
+    repeated launches give the same result; the launcher reduces PARTIAL)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,7 +155,7 @@ def _gated_linear_bwd_kernel(
     if DROPOUT:
         keep = _keep(tl.load(SEED), offs_m, offs_n, N, dropout_p)
         dz = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
-    tl.store(DZ + rows * N + offs_n[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+    tl.store(DZ + rows * N + offs_n[None, :], _round(dz, DZ.dtype.element_ty, UPCAST), mask=mask)
     dgate = dout * y  # d out / d gate, summed below
     if PER_CHANNEL:
         tl.store(PARTIAL + pid_m * N + offs_n, tl.sum(dgate, 0), mask=mask_n)
@@ -141,7 +172,27 @@ def _gated_linear_mask_kernel(SEED, MASK, M, N, dropout_p, BLOCK_M: tl.constexpr
     tl.store(MASK + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], keep.to(tl.int8), mask=mask)
 
 
-_fwd_kernel = triton.autotune(_gemm_configs(), key=["N", "K", "DROPOUT"])(_gated_linear_fwd_kernel)
+def _space(args):
+    cls = dot_class(args["DOT_PRECISION"])
+    limit = max_shared_memory(args["H"].device)
+    return [c for c in gemm_configs(cls) if shared_memory_estimate(c, cls) <= limit]
+
+
+def shared_memory_estimate(config: triton.Config, cls: str) -> int:
+    """Upper estimate of the forward GEMM's shared memory (bytes) with `config` for dot
+    class `cls`: one h and one W tile per pipeline stage, plus an fp32 output tile for the
+    epilogue's layout change (the AOT check verifies it bounds what Triton allocates for
+    sm_90)."""
+    kw = config.kwargs
+    return (config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * (2 if cls == "16bit" else 4)
+            + kw["BLOCK_M"] * kw["BLOCK_N"] * 4)
+
+
+_fwd_kernel = TunedKernel(
+    "gated_linear_fwd", _gated_linear_fwd_kernel,
+    [_config(*tile) for tile in dict.fromkeys(t for tiles in GEMM_TABLE.values() for t in tiles)],
+    ["N", "K", "DROPOUT", "DOT_PRECISION"], _space,
+)
 BWD_BLOCK_M, BWD_BLOCK_N = 64, 64
 
 
@@ -158,7 +209,7 @@ def gated_linear_forward(x, h, w, g, seed, dropout_p):
     _fwd_kernel[grid](
         x, h, w, g, out, y, g if seed is None else seed,  # SEED is only read with dropout
         m, n, k, *x.stride(), *h.stride(), *w.stride(), out.stride(0), dropout_p,
-        PER_CHANNEL=g.numel() > 1, DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET,
+        PER_CHANNEL=g.numel() > 1, DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(h.dtype), UPCAST=INTERPRET,
     )
     return out, y
 
@@ -176,7 +227,8 @@ def gated_linear_backward(dout, y, g, seed, dropout_p):
         _gated_linear_bwd_kernel[grid](
             dout, y, g, g if seed is None else seed, dz, partial,
             m, n, *dout.stride(), y.stride(0), dropout_p,
-            PER_CHANNEL=per_channel, DROPOUT=dropout_p > 0.0, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
+            PER_CHANNEL=per_channel, DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET, BLOCK_M=BWD_BLOCK_M,
+            BLOCK_N=BWD_BLOCK_N,
         )
     return dz, partial.sum(0).reshape(g.shape).to(g.dtype)  # (N,) or one value
 

@@ -36,7 +36,10 @@ def _fwd_bwd(fn, q, k, v, dout, *args, **kwargs):
     return [out, *torch.autograd.grad(out, (q, k, v), dout)]
 
 
-def _check(assert_fa_close, lens_q, lens_k, hq, hkv, d, dtype, device, *, seqused=None, dropout_p=0.0, **kw):
+def _check(assert_fa_close, lens_q, lens_k, hq, hkv, d, dtype, device, *, seqused=None, dropout_p=0.0,
+           baseline=None, **kw):
+    """Kernel vs the reference in `baseline` (default: the input dtype; bf16 for fp32 under
+    TF32, whose 10-bit operands make fp32's bound unfair) vs the reference in fp64."""
     from deepmlf_kernels.attention import attention_dropout_mask, varlen_attention_triton
 
     q, k, v, dout = _inputs(lens_q, lens_k, hq, hkv, d, dtype, device)
@@ -48,7 +51,8 @@ def _check(assert_fa_close, lens_q, lens_k, hq, hkv, d, dtype, device, *, sequse
     ref_kw = dict(kw, seqused_k=used, dropout_p=dropout_p)
     if dropout_p > 0:
         ref_kw["dropout_mask"] = attention_dropout_mask(seed, len(lens_q), hq, args[2], args[3], dropout_p)
-    lowprec = _fwd_bwd(varlen_attention_reference, q, k, v, dout, *args, **ref_kw)
+    low = [t.to(baseline or dtype) for t in (q, k, v, dout)]
+    lowprec = _fwd_bwd(varlen_attention_reference, *low[:3], low[3], *args, **ref_kw)
     exact = _fwd_bwd(varlen_attention_reference, q.double(), k.double(), v.double(), dout.double(), *args, **ref_kw)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), kernel, lowprec, exact):
         assert_fa_close(name, a, b, c)
@@ -70,9 +74,12 @@ def test_gqa_smollm2_heads(device, assert_fa_close, dtype):
 
 
 @pytest.mark.parametrize(
-    "d, dtype", [(30, FP32), (30, BF16), (48, FP32), (64, torch.float16), (80, BF16), (128, FP32)]
+    "d, dtype",
+    [(16, FP32), (16, BF16), (30, FP32), (30, BF16), (48, FP32), (64, FP32), (64, BF16), (64, torch.float16),
+     (80, FP32), (80, BF16), (128, FP32), (128, BF16), (256, FP32), (256, BF16), (256, torch.float16)],
 )
 def test_head_dims(device, assert_fa_close, d, dtype):
+    """Every BLOCK_D (16 to 256), padded (30, 48, 80) and exact, in each dtype."""
     _check(assert_fa_close, [7, 20], [7, 20], 2, 1, d, dtype, device, causal=True)
 
 
