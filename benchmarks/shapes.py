@@ -37,7 +37,7 @@ import numpy as np
 
 from deepmlf_fast.backbones.load import backbone_config
 from deepmlf_fast.backbones.registry import BACKBONES
-from deepmlf_fast.config import RunConfig
+from deepmlf_fast.config import FusionConfig, RunConfig
 from deepmlf_fast.presets import adapt_to_backbone, recipe
 
 LENGTH_SEED = 20250415
@@ -274,13 +274,17 @@ def step_run_config(step: StepConfig) -> RunConfig:
 
     * LoRA off (rank 0): the official-style baseline has no LoRA path, so both sides fine-tune
       the copied MM FFNs fully (the GPT-2 recipes' setting);
+    * the released sigmoid gates at their released initial values (the demo recipe, which the
+      SmolLM2-135M configuration starts from, uses tanh gates; the official-style model has none);
     * parity 'official' on both sides (1/sqrt(D) scale, strided pooling, weights-only FFN copy,
       additive Llama FFN), so both compute the same function;
     * the precision and random-init switch of the step configuration.
     """
     cfg = run_config(step.backbone)
     model = cfg.model
-    fusion = dataclasses.replace(model.fusion, lora_rank=0)
+    released = FusionConfig()
+    fusion = dataclasses.replace(model.fusion, lora_rank=0, gate=released.gate, gate_init=released.gate_init,
+                                 ffn_gate_init=released.ffn_gate_init)
     loss = model.loss
     if step.clm is not None:
         loss = dataclasses.replace(loss, w_clm=(loss.w_clm or 1.0) if step.clm else 0.0)

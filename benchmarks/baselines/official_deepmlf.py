@@ -140,6 +140,9 @@ class OfficialStyleDeepMLF(nn.Module):
             raise NotImplementedError("OfficialStyleDeepMLF: LoRA in the MM FFN is not implemented; use lora_rank=0")
         if not cfg.fusion.ffn_all_rows:
             raise NotImplementedError("OfficialStyleDeepMLF: only the FFN on all rows (`combine`, every released recipe)")
+        if cfg.fusion.gate != "sigmoid":
+            raise NotImplementedError(f"OfficialStyleDeepMLF: the released gates are sigmoid; fusion.gate is "
+                                      f"{cfg.fusion.gate!r}")
         self.cfg, self.spec, self.tokenizer = cfg, spec, tokenizer
         self.n_text, self.n_fusion = cfg.text.max_tokens, cfg.fusion.n_tokens
         self.lm = lm
