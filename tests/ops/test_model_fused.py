@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from deepmlf_fast.config import LossConfig
+from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.ops.linear_cross_entropy import linear_cross_entropy
 
-from helpers import make_batch, make_model
+from helpers import make_batch, make_model, to_device
 
 
 @pytest.mark.parametrize("parity, form", [("corrected", "absorbed"), ("official", "plain")])
@@ -51,3 +54,56 @@ def test_fused_model_under_bf16_autocast(device):
         outs[backend] = (out["pred"].float(), model.fusion_tokens.weight.grad.clone())
     torch.testing.assert_close(outs["triton"][0], outs["reference"][0], atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(outs["triton"][1], outs["reference"][1], atol=5e-2, rtol=1e-1)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every op that reads a tensor's values back to the host (`.item()`, `int(t)`,
+    `bool(t)`, `if t:`) or whose output size depends on the values (`nonzero`, `masked_select`,
+    `unique`): each is a device-to-host sync on CUDA. CUDA-less, so it runs in CI."""
+
+    SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+               "aten::unique_dim", "aten::unique_consecutive")
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.found.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny-gpt2", "tiny-llama"])
+def test_training_step_reads_nothing_back_from_the_device(device, backbone_name, monkeypatch):
+    """Forward, every loss term (CLM included) and backward of a training step never sync:
+    on CUDA under `set_sync_debug_mode("error")`; everywhere with `_HostReads` and with
+    `.cpu()`, `.tolist()` and `.numpy()` refused inside the step (the host-built layout is
+    made by the loader, before the step)."""
+    model, tok = make_model(backbone_name, xattn_form="absorbed")
+    model = model.to(device).train()
+    model.set_backend("triton" if torch.device(device).type == "cuda" else "reference")
+    batch = to_device(make_batch(tok), device)
+    labels = torch.tensor([1.5, -2.0, 0.3], device=device)
+
+    def refused(name):
+        def call(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() inside the training step")
+        return call
+
+    for name in ("cpu", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refused(name))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with _HostReads() as reads:
+            out = model(**batch, clm=True)
+            loss, _ = deepmlf_loss(out, labels, LossConfig(w_clm=1.0))
+            loss.backward()
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    assert reads.found == [], reads.found
+    assert model.fusion_tokens.weight.grad.abs().sum() > 0  # the step did run the backward
