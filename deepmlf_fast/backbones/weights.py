@@ -18,7 +18,9 @@ def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = dense_linear(module.base_layer)
         if not getattr(module, "merged", False):
             for name in module.active_adapters:
-                weight = weight + module.get_delta_weight(name).detach().float().reshape(weight.shape)
+                delta = module.get_delta_weight(name).detach().float()
+                # peft returns the delta in the base layer's layout: (in, out) for GPT-2's Conv1D.
+                weight = weight + (delta.t() if getattr(module, "fan_in_fan_out", False) else delta)
         return weight, bias
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().float().clone()

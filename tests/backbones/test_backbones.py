@@ -74,3 +74,32 @@ def test_pad_id_is_the_pad_token_else_eos():
 
     with pytest.raises(BackboneError, match="tokenizer 'bare': expected a pad or eos token, found neither"):
         pad_token_id(NoSpecials())
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [True, False])
+def test_lora_wrapped_layer_reads_as_its_merged_weight(fan_in_fan_out):
+    """`dense_linear` of a peft LoRA layer equals the merged layer's weight, for GPT-2's
+    (in, out) `Conv1D` as for `nn.Linear`."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from deepmlf_fast.backbones.weights import dense_linear
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, bos_token_id=0, eos_token_id=0))
+    if not fan_in_fan_out:  # the same layer as an nn.Linear
+        fc = lm.transformer.h[0].mlp.c_fc
+        linear = torch.nn.Linear(32, 128)
+        linear.weight.data, linear.bias.data = fc.weight.data.t().contiguous(), fc.bias.data.clone()
+        lm.transformer.h[0].mlp.c_fc = linear
+    model = peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=["c_fc"], init_lora_weights=False,
+                                                    fan_in_fan_out=fan_in_fan_out))
+    wrapped = model.base_model.model.transformer.h[0].mlp.c_fc
+    merged = copy.deepcopy(model).merge_and_unload().transformer.h[0].mlp.c_fc
+    weight, bias = dense_linear(wrapped)
+    base, _ = dense_linear(wrapped.base_layer)
+    assert not torch.allclose(weight, base, atol=1e-3)  # the adapter is not a no-op
+    torch.testing.assert_close(weight, dense_linear(merged)[0])
+    torch.testing.assert_close(bias, dense_linear(merged)[1])
