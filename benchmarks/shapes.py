@@ -76,11 +76,15 @@ def text_lengths(batch: int) -> tuple[int, ...]:
     return _length_draw()[:batch]
 
 
+def length_draw(n: int, seed: int = LENGTH_SEED) -> np.ndarray:
+    """`n` transcript lengths (tokens) like real MOSI/MOSEI ones: gamma(4, 5), mean ~20,
+    rounded and clipped to [1, 50]."""
+    return np.clip(np.rint(np.random.default_rng(seed).gamma(4.0, 5.0, n)), 1, 50).astype(int)
+
+
 @functools.lru_cache(maxsize=1)
 def _length_draw() -> tuple[int, ...]:
-    rng = np.random.default_rng(LENGTH_SEED)
-    draw = np.clip(np.rint(rng.gamma(4.0, 5.0, MAX_DRAW)), 1, 50).astype(int)
-    return tuple(int(v) for v in draw)
+    return tuple(int(v) for v in length_draw(MAX_DRAW))
 
 
 # --------------------------------------------------------------------------------------

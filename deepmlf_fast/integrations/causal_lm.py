@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from deepmlf_fast.backbones.arch import MODEL_TYPES, ArchSpec, arch_for, get_path
-from deepmlf_fast.backbones.load import pad_token_id
+from deepmlf_fast.backbones.load import LoadedBackbone, pad_token_id
 from deepmlf_fast.config import ModelConfig
 from deepmlf_fast.errors import BackboneError
+from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF
 from deepmlf_fast.ops import hf_attention
 
@@ -122,12 +123,13 @@ def apply_deepmlf(model: nn.Module, config: ModelConfig, *, tokenizer=None, pad_
     base.requires_grad_(False)
     apply_fused_attention(base)
     try:
-        dm = DeepMLF(config, base, spec, pad_token_id(tokenizer) if pad_id is None else pad_id, init_seed=init_seed)
+        pad = pad_token_id(tokenizer) if pad_id is None else pad_id
+        dm, _ = build_deepmlf(config, init_seed=init_seed, backend=backend,
+                              backbone=LoadedBackbone(base, tokenizer, spec, pad, config.backbone))
     except Exception:
         revert_fused_attention(base)
         _restore_requires_grad(base, flags)
         raise
-    dm.set_backend(backend)
     dm.detach_backbone()
     base.add_module(ATTR, dm)
     tolerate = _TolerateAbsent()

@@ -66,14 +66,13 @@ class GatedCrossAttention(nn.Module):
             raise ValueError("GatedCrossAttention.from_module: expected bias-free to_q / to_kv / to_out projections")
         kind, eps = norm_kind(attn.norm)
         alpha = block.attn_gate
-        layer = cls(dim, attn.to_kv.weight.shape[1], attn.heads, norm=kind, norm_eps=eps, gate=gate,
-                    gate_size=alpha.numel(), form=form)
+        layer = cls(dim, attn.to_kv.weight.shape[1], attn.heads, norm=kind, norm_eps=eps, gate=gate, form=form)
+        layer.gate = Gate.from_module(alpha, gate)
         layer.to(device=alpha.device, dtype=attn.to_q.weight.dtype)
         copy_norm(layer.norm, attn.norm)
         with torch.no_grad():
             for target, source in ((layer.q_proj, attn.to_q), (layer.kv_proj, attn.to_kv), (layer.o_proj, attn.to_out)):
                 target.weight.copy_(source.weight)
-            layer.gate.alpha.copy_(alpha.reshape(-1))
         return layer
 
     def forward(self, x: torch.Tensor, av: torch.Tensor, av_lengths: torch.Tensor | None = None,

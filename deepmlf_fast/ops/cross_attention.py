@@ -39,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from deepmlf_fast.ops.dispatch import resolve_backend
+from deepmlf_fast.ops.dispatch import kernel_dtype, resolve_backend
 from deepmlf_fast.ops.gate import GATES, gate_value
 from deepmlf_fast.ops.projections import absorbed_weights, normalize
 
@@ -208,7 +208,7 @@ def gated_cross_attention_triton(
 
     # The kernels take one dtype for q/k/v and for h/w: autocast's, when it is on (custom
     # ops are not autocast), else x's. The residual x keeps its own dtype.
-    ct = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    ct = kernel_dtype(x, x.dtype)
     xn = normalize(x, norm_weight, norm_bias, norm, norm_eps).to(ct)
     av = av.to(ct)
     if form == "absorbed":

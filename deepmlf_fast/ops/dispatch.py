@@ -24,6 +24,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernel_dtype(t: torch.Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype a Triton op runs its products in for an input on `t`'s device: autocast's when
+    it is on there (custom ops are not autocast, so they cast themselves), else `default`."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else default
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """Map 'auto' | 'triton' | 'reference' to the backend that will run for `tensor`.
 

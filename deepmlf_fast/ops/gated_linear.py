@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.ops.dispatch import resolve_backend
+from deepmlf_fast.ops.dispatch import kernel_dtype, resolve_backend
 
 
 def gated_residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, gate: torch.Tensor,
@@ -21,8 +21,6 @@ def gated_residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, g
     if type(linear) is nn.Linear and linear.bias is None and resolve_backend(backend, x) == "triton":
         from deepmlf_kernels.gated_linear import gated_linear
 
-        # One dtype for the GEMM operands: autocast's when it is on (custom ops are not autocast).
-        dev = x.device.type
-        ct = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else linear.weight.dtype
+        ct = kernel_dtype(x, linear.weight.dtype)  # one dtype for the GEMM operands
         return gated_linear(x, h.to(ct), linear.weight.to(ct), gate)
     return x + gate * linear(h)

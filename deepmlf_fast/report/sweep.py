@@ -43,6 +43,7 @@ from typing import Any, Sequence
 from deepmlf_fast.config import RunConfig, apply_overrides, field_path, parse_value
 from deepmlf_fast.errors import CheckpointError, ConfigError
 from deepmlf_fast.fileio import read_json, write_json, write_text_atomic
+from deepmlf_fast.report.writer import HEAD_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def write_summary(sweep_dir: Path, axes: list[Axis], cells: list[Cell]) -> dict:
         if not path.is_file():
             continue
         r = read_json(path, "cell results", CheckpointError)
-        names = r["metric_names"] + ["MAE_text", "MAE_av", "MAE_fusion"]
+        names = r["metric_names"] + list(HEAD_KEYS)
         rows.append({"cell": cell.name, "values": cell.texts, "dataset": r["dataset"], "seeds": r["seeds"],
                      "mean": {k: r.get(k) for k in names}, "std": {k: r["std"].get(k) for k in names}})
     summary = {"axes": [{"path": a.path, "name": a.name, "values": a.texts} for a in axes], "cells": rows}

@@ -67,7 +67,7 @@ def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: 
     model.train()
     loader.sampler.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
-    window: dict[str, torch.Tensor] = {}
+    logged: dict[str, float] = {}  # the sums at the previous log line
     n, samples, tick = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
     for batch in bar:
@@ -78,17 +78,18 @@ def train_epoch(model, engine, loader, cfg: RunConfig, ctx: StepContext, epoch: 
         parts = dict(step.parts, total=step.loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v
-            window[k] = window.get(k, 0) + v
         n += 1
         samples += len(batch)
         if n % cfg.train.log_every == 0:  # the only reads of device values inside an epoch
             seconds = time.perf_counter() - tick
-            losses = {k: float(v) / cfg.train.log_every for k, v in window.items()}
-            bar.set_postfix(loss=f"{float(sums['total']) / n:.4f}", lr=f"{engine.lr:.2e}")
+            now = {k: float(v) for k, v in sums.items()}
+            losses = {k: (v - logged.get(k, 0.0)) / cfg.train.log_every for k, v in now.items()}
+            logged = now
+            bar.set_postfix(loss=f"{now['total'] / n:.4f}", lr=f"{engine.lr:.2e}")
             if recorder is not None:
                 recorder.step(epoch * len(loader) + n, losses, engine.lr, seconds / cfg.train.log_every,
                               samples / seconds)
-            window, samples, tick = {}, 0, time.perf_counter()
+            samples, tick = 0, time.perf_counter()
     engine.end_epoch()
     return {k: float(v) / max(n, 1) for k, v in sums.items()}
 
@@ -116,16 +117,17 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx:
                  "when the run stopped is redone", last, state.epoch, key, state.best_metric, state.best_epoch + 1)
     while state.epoch < cfg.optim.max_epochs and not _stopped(state, cfg.optim.early_stop):
         start = time.time()
-        train = distributed.average_values(train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch,
-                                                       recorder if distributed.is_main() else None))
+        train = distributed.average_values(
+            train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch, recorder))
         valid = evaluate(model, loaders["valid"], cfg.data.dataset, eval_ctx, desc="valid")
         improved = valid[key] < state.best_metric - 1e-6
+        # Read once: the best checkpoint and the resume point hold the same weights (under
+        # DeepSpeed the read is a copy to the host, under ZeRO-3 a gather of every partition).
+        engine_state, model_state = engine.state_dict(), engine.model_state(model)
         if improved:
             state.best_metric, state.best_epoch = valid[key], state.epoch
-            best = engine.model_state(model)
             if distributed.is_main():
-                save_weights(best, best_path)
-        engine_state, model_state = engine.state_dict(), engine.model_state(model)
+                save_weights(model_state, best_path)
         entry = {"epoch": state.epoch + 1, "train": train, "valid": valid, "lr": engine.lr,
                  "gates": gate_values(model_state, cfg.model.fusion.gate), "seconds": round(time.time() - start, 2)}
         state.history.append(entry)

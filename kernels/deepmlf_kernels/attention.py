@@ -63,6 +63,7 @@ largest tile of its candidates; the tests pin every other one.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -449,11 +450,17 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 def _space(kernel):
     def space(args):
-        cls, bd = dot_class(args["DOT_PRECISION"]), args["BLOCK_D"]
-        limit = max_shared_memory(args["Q"].device)
-        return [c for c in attention_configs(kernel, cls, bd) if shared_memory_estimate(kernel, c, bd, cls) <= limit]
+        return list(_viable(kernel, dot_class(args["DOT_PRECISION"]), args["BLOCK_D"],
+                            max_shared_memory(args["Q"].device)))
 
     return space
+
+
+@functools.lru_cache(maxsize=None)  # per launch otherwise: the same Config objects every time
+def _viable(kernel: str, cls: str, block_d: int, limit: int) -> tuple[triton.Config, ...]:
+    """The table's configs for (kernel, cls, block_d) whose shared memory fits in `limit` bytes."""
+    return tuple(c for c in attention_configs(kernel, cls, block_d)
+                 if shared_memory_estimate(kernel, c, block_d, cls) <= limit)
 
 
 def shared_memory_estimate(kernel: str, config: triton.Config, block_d: int, cls: str) -> int:

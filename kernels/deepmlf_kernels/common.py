@@ -51,6 +51,7 @@ Interpreter emulation (`UPCAST`, the kernels' constexpr flag for `TRITON_INTERPR
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -92,6 +93,7 @@ def dot_class(precision: str | None) -> str:
     return "16bit" if precision is None else precision
 
 
+@functools.lru_cache(maxsize=16)  # read at every launch; the result is never modified
 def parse_pins(text: str) -> dict[str | None, dict[str, int]]:
     """`DEEPMLF_TRITON_CONFIG` text -> {kernel name or None (all kernels): {key: value}}."""
     pins: dict[str | None, dict[str, int]] = {}
@@ -140,7 +142,11 @@ def max_shared_memory(device: torch.device) -> int:
     tests prune as an H100 does)."""
     if INTERPRET or device.type != "cuda":
         return SM90_MAX_SHARED
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_max_shared(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)  # a driver query per attribute: once per device, not per launch
+def _device_max_shared(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 

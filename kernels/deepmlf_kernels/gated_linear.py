@@ -41,6 +41,8 @@ for a scalar g), reduced by `torch.sum` in a fixed order; then `dh = dZ W` and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -173,9 +175,13 @@ def _gated_linear_mask_kernel(SEED, MASK, M, N, dropout_p, BLOCK_M: tl.constexpr
 
 
 def _space(args):
-    cls = dot_class(args["DOT_PRECISION"])
-    limit = max_shared_memory(args["H"].device)
-    return [c for c in gemm_configs(cls) if shared_memory_estimate(c, cls) <= limit]
+    return list(_viable(dot_class(args["DOT_PRECISION"]), max_shared_memory(args["H"].device)))
+
+
+@functools.lru_cache(maxsize=None)  # per launch otherwise: the same Config objects every time
+def _viable(cls: str, limit: int) -> tuple[triton.Config, ...]:
+    """The table's configs for dot class `cls` whose shared memory fits in `limit` bytes."""
+    return tuple(c for c in gemm_configs(cls) if shared_memory_estimate(c, cls) <= limit)
 
 
 def shared_memory_estimate(config: triton.Config, cls: str) -> int:
