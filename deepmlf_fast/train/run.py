@@ -29,6 +29,7 @@ import torch
 from deepmlf_fast.backbones.load import LoadedBackbone, backbone_config, load_backbone
 from deepmlf_fast.config import RunConfig, validate_config
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
+from deepmlf_fast.data.mmsa import MMSASplit
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
@@ -108,7 +109,11 @@ class Session:
         self.model = model
         cfg = dataclasses.replace(cfg, resolved=resolve_run(cfg, device))
         self.data = data if data is not None else load_run_data(cfg)
-        zeroed = sum(self.data.split(name).zeroed_neg_inf for name in SPLITS)
+        # A file of unlabelled samples stands in for every split: count and tokenise it once.
+        distinct: dict[int, tuple[str, MMSASplit]] = {}
+        for name in SPLITS:
+            distinct.setdefault(id(self.data.split(name)), (name, self.data.split(name)))
+        zeroed = sum(s.zeroed_neg_inf for _, s in distinct.values())
         if zeroed:
             log.info("%s: %d -inf feature values replaced by 0, as MMSA's loaders do", self.data.source, zeroed)
         if model is None:
@@ -125,8 +130,9 @@ class Session:
             r, m = cfg.resolved, cfg.model
             self.backbone = LoadedBackbone(model.lm, tokenizer, model.spec, model.pad_id, m.backbone)
         tok = self.backbone.tokenizer
-        self.tokens = {name: tokenize_texts(self.data.split(name).raw_text, tok, m.text.max_tokens, name,
-                                            self.backbone.pad_id) for name in SPLITS}
+        tokens = {key: tokenize_texts(s.raw_text, tok, m.text.max_tokens, name, self.backbone.pad_id)
+                  for key, (name, s) in distinct.items()}
+        self.tokens = {name: tokens[id(self.data.split(name))] for name in SPLITS}
         self.train_ctx = StepContext(device, r.precision == "bf16", lambda out, y: deepmlf_loss(out, y, m.loss))
         self.eval_ctx = dataclasses.replace(self.train_ctx, bf16=r.eval_precision == "bf16")
 
