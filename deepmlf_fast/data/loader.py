@@ -130,9 +130,12 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        if self.world_size > 1:
-            order += order[: len(self) * self.world_size - self.n]  # pad so every rank gets as many
-            order = order[self.rank :: self.world_size]
+        if self.world_size > 1 and self.n:
+            # Pad by cycling through the order so every rank gets len(self) samples, even when
+            # the split has fewer samples than half the ranks (a rank with fewer batches than
+            # the others would wait forever in DeepSpeed's collectives).
+            total = len(self) * self.world_size
+            order = (order * -(-total // self.n))[:total][self.rank :: self.world_size]
         return iter(order)
 
     def __len__(self) -> int:

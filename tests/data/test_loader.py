@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepmlf_fast.data.loader import Batch, MMSADataset, make_loader
+from deepmlf_fast.data.loader import Batch, EpochSampler, MMSADataset, make_loader
 from deepmlf_fast.data.mmsa import from_mmsa_dict
 from deepmlf_fast.data.tokenize import TokenizedText
 from deepmlf_fast.errors import DataError
@@ -84,3 +84,17 @@ def test_loader_order_and_determinism(split, tokens):
     parts = [order(s) for s in shards]
     assert all(len(p) == 4 for p in parts) and set().union(*parts) == set(range(10))
     assert [len(x) for x in make_loader(split, tokens, N_FUSION, FUSION_START, 4, True, seed=1, drop_last=True)] == [4, 4]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_rank_gets_as_many_samples_as_the_others(n, world, shuffle):
+    """A split smaller than the world (even smaller than half of it) still gives every rank
+    the same number of samples, and together they cover the split: a rank with fewer batches
+    would wait forever in the others' collectives."""
+    shards = [list(EpochSampler(n, shuffle, seed=3, rank=r, world_size=world)) for r in range(world)]
+    per_rank = -(-n // world)
+    assert [len(s) for s in shards] == [per_rank] * world
+    assert set().union(*map(set, shards)) == set(range(n))
+    assert all(0 <= i < n for s in shards for i in s)
