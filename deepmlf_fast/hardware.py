@@ -5,9 +5,12 @@ stored in and the autocast dtype of the forward pass. Both are bf16 or both are 
 
 * `--precision auto` (the default) uses the recipe's precision (`TrainConfig.recipe_precision`:
   bf16 for the SmolLM2 recipes, fp32 for the GPT-2 ones, as released) where the hardware runs
-  bf16 natively, and fp32 elsewhere. Native bf16: CUDA with compute capability >= 8.0, or a
-  CPU with AVX512_BF16 or AMX-BF16 that PyTorch's oneDNN is allowed to use. On an AVX2-only
-  CPU a bf16 matmul is ~40x slower than fp32, so `auto` never picks it there.
+  bf16 natively and fast, and fp32 elsewhere. On CUDA: compute capability >= 8.0. On a CPU the
+  flags are only a precondition (AVX512_BF16 or AMX-BF16, and PyTorch not capped below them):
+  an AVX512-BF16 CPU without AMX (Cooper Lake, or a capped AMX Xeon) ran a bf16 product slower
+  than fp32, so `auto` times one product of the recipes' shape in both dtypes
+  (`bf16_probe`, cached per machine and library versions) and takes bf16 only where it is at
+  least `BF16_MIN_SPEEDUP` times faster. On an AVX2-only CPU bf16 is emulated (~40x slower).
 * `--precision bf16` / `fp32` force a choice; bf16 where it is not native still runs, with
   one warning that says why it will be slow.
 * TF32 (`--tf32`, off by default like the official code and PyTorch): fp32 matrix products on
@@ -25,6 +28,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +36,8 @@ from typing import Literal
 import torch
 
 from deepmlf_fast.config import Resolved, RunConfig
-from deepmlf_fast.errors import ConfigError
+from deepmlf_fast.errors import ConfigError, DeepMLFError
+from deepmlf_fast.fileio import cache_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of x86 instructions that compute bf16 products natively."""
+BF16_PROBE_SHAPE = (512, 576, 1536)
+"""(rows, in, out) of the timed product: a demo batch's packed rows through SmolLM2-135M's FFN."""
+BF16_MIN_SPEEDUP = 1.25
+"""bf16 must beat fp32 by this factor on the probe for `auto` to pick it on a CPU: a marginal
+gain does not pay for bf16's rounding."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class DeviceFacts:
     name: str
     """CPU model or GPU name."""
     native_bf16: bool
+    """bf16 products run natively here and, on a CPU, measurably faster than fp32."""
     why: str
     """One line: why bf16 is (not) native here."""
     cpu_capability: str
@@ -75,7 +86,8 @@ class Precision:
         return self.name == "bf16"
 
 
-def _cpu_flags() -> set[str] | None:
+def cpu_flags() -> set[str] | None:
+    """The CPU's flags from /proc/cpuinfo (`avx2`, `avx512_bf16`, `amx_bf16`, ...); None off Linux."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -115,6 +127,83 @@ def cpu_native_bf16(flags: set[str] | None, onednn_bf16: bool, capability: str) 
     return True, f"CPU has {', '.join(have)} (capability {capability})"
 
 
+@dataclass(frozen=True)
+class ProbeTimes:
+    """Milliseconds per `BF16_PROBE_SHAPE` product in each dtype (best of several repeats)."""
+
+    fp32_ms: float
+    bf16_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.bf16_ms
+
+
+def _time_products(repeats: int = 7, calls: int = 4) -> ProbeTimes:
+    """Time `BF16_PROBE_SHAPE` products in fp32 and bf16 on the CPU with this process's threads."""
+    rows, k, n = BF16_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, k, generator=g), torch.randn(k, n, generator=g)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = a.to(dtype), b.to(dtype)
+        torch.mm(x, w)  # first call: oneDNN picks and builds its kernel
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                torch.mm(x, w)
+            times.append((time.perf_counter() - start) / calls)
+        best[dtype] = min(times) * 1e3
+    return ProbeTimes(best[torch.float32], best[torch.bfloat16])
+
+
+def _probe_key() -> str:
+    """What the probe's result depends on: the CPU, the libraries, PyTorch's ISA caps, threads."""
+    flags = cpu_flags() or set()
+    caps = [f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")]
+    return "|".join([_cpu_name(), ",".join(sorted(f for f in flags if f.startswith(("avx", "amx")))),
+                     f"torch {torch.__version__}", *caps, f"threads {torch.get_num_threads()}"])
+
+
+def bf16_probe() -> ProbeTimes:
+    """`ProbeTimes` of this CPU, measured once (a fraction of a second) and cached in
+    `<cache>/hardware/bf16_probe.json` under `_probe_key()`, so every run on the same machine
+    and library versions takes the same decision."""
+    path = cache_dir() / "hardware" / "bf16_probe.json"
+    key = _probe_key()
+    try:
+        cached = read_json(path, "bf16 probe cache", DeepMLFError) if path.is_file() else {}
+    except DeepMLFError:
+        cached = {}  # a damaged cache is measured again and rewritten
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    if isinstance(entry, dict) and {"fp32_ms", "bf16_ms"} <= entry.keys():
+        return ProbeTimes(float(entry["fp32_ms"]), float(entry["bf16_ms"]))
+    times = _time_products()
+    cached = cached if isinstance(cached, dict) else {}
+    cached[key] = asdict(times)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, cached)
+    return times
+
+
+def cpu_fast_bf16(native: bool, why: str, probe) -> tuple[bool, str]:
+    """Whether `auto` may take bf16 on this CPU, and why (pure: tests pass a fake `probe`).
+
+    `native`/`why`: `cpu_native_bf16`'s verdict from the flags. Where the flags allow bf16,
+    `probe()` (-> `ProbeTimes`) decides: bf16 only at `BF16_MIN_SPEEDUP` or more.
+    """
+    if not native:
+        return False, why
+    t = probe()
+    rows, k, n = BF16_PROBE_SHAPE
+    measured = (f"a ({rows}x{k})@({k}x{n}) product took {t.bf16_ms:.2f} ms in bf16 against {t.fp32_ms:.2f} ms "
+                f"in fp32 ({t.speedup:.2f}x)")
+    if t.speedup >= BF16_MIN_SPEEDUP:
+        return True, f"{why}; {measured}"
+    return False, f"{why}, but {measured}, under the {BF16_MIN_SPEEDUP}x that bf16 needs here"
+
+
 def device_facts(device: torch.device | str) -> DeviceFacts:
     """Read the facts of `device` (CPU flags, CUDA compute capability)."""
     device = torch.device(device)
@@ -125,7 +214,8 @@ def device_facts(device: torch.device | str) -> DeviceFacts:
         why = f"CUDA compute capability {major}.{minor} {'>=' if native else '<'} 8.0"
         return DeviceFacts(str(device), torch.cuda.get_device_name(device), native, why, capability)
     if device.type == "cpu":
-        native, why = cpu_native_bf16(_cpu_flags(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), capability)
+        native, why = cpu_native_bf16(cpu_flags(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), capability)
+        native, why = cpu_fast_bf16(native, why, bf16_probe)
         return DeviceFacts("cpu", _cpu_name(), native, why, capability)
     return DeviceFacts(str(device), device.type, False, f"no bf16 policy for device type {device.type!r}", capability)
 
@@ -179,20 +269,20 @@ def attention_backend(requested: str, device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" and triton_available() else "reference"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
     """'auto' -> the first CUDA device when there is one, else the CPU; an explicit device must
-    exist here (ConfigError naming `train.device` otherwise)."""
+    exist here (ConfigError naming `field` otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, found {name!r}") from None
+        raise ConfigError(f"{field}: expected auto, cpu, cuda or cuda:N, found {name!r}") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"train.device: expected a device this machine has (CUDA devices: "
+        raise ConfigError(f"{field}: expected a device this machine has (CUDA devices: "
                           f"{torch.cuda.device_count()}), found {name!r}")
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, found {name!r}")
+        raise ConfigError(f"{field}: expected auto, cpu, cuda or cuda:N, found {name!r}")
     return device
 
 
@@ -236,7 +326,7 @@ def environment_report(device: str = "auto", recipe_precision: str = "bf16") -> 
     """What a bug report needs and what `auto` will do on this machine (`deepmlf env`)."""
     from deepmlf_fast.ops.dispatch import triton_available
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = resolve_device(device, field="--device")
     facts = device_facts(dev)
     auto = resolve_precision("auto", recipe_precision, facts)
     triton_usable = triton_available() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")

@@ -1,5 +1,5 @@
-"""The per-device precision policy: bf16 only where it is native, one warning when forced,
-the choice recorded in config.json, and `deepmlf env`."""
+"""The per-device precision policy: bf16 only where it is native and, on a CPU, measured faster
+than fp32; one warning when forced; the choice recorded in config.json; and `deepmlf env`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import torch
 
 from deepmlf_fast import hardware
 from deepmlf_fast.cli import main
-from deepmlf_fast.hardware import DeviceFacts, cpu_native_bf16, eval_precision, resolve_precision
+from deepmlf_fast.hardware import (
+    BF16_MIN_SPEEDUP,
+    DeviceFacts,
+    ProbeTimes,
+    cpu_fast_bf16,
+    cpu_native_bf16,
+    eval_precision,
+    resolve_precision,
+)
 
 AVX2_CPU = DeviceFacts("cpu", "AMD EPYC (AVX2)", False, "no avx512_bf16", "AVX2")
 BF16_CPU = DeviceFacts("cpu", "AMD EPYC (AVX-512)", True, "CPU has avx512_bf16", "AVX512")
@@ -28,6 +36,47 @@ def test_cpu_bf16_needs_the_instruction_and_an_uncapped_torch():
     # ONEDNN_MAX_CPU_ISA=AVX2 / ATEN_CPU_CAPABILITY=avx2 cap a bf16 CPU to AVX2 speed.
     native, why = cpu_native_bf16(avx2_flags | {"avx512_bf16"}, False, "AVX2")
     assert native is False and "capped" in why
+
+
+def test_on_a_cpu_auto_takes_bf16_only_where_a_timed_product_is_clearly_faster():
+    """The flags only allow bf16; the probe decides. Times from the issue: an AMX Xeon capped to
+    AVX512_CORE_BF16 (a Cooper Lake CPU's arithmetic) ran the product in 29 ms in bf16 against
+    19 ms in fp32; with AMX, 4.6 ms."""
+    def never():
+        raise AssertionError("the probe must not run where the flags already say no")
+
+    assert cpu_fast_bf16(False, "CPU has no avx512_bf16", never) == (False, "CPU has no avx512_bf16")
+    fast, why = cpu_fast_bf16(True, "CPU has amx_bf16", lambda: ProbeTimes(fp32_ms=19.0, bf16_ms=4.6))
+    assert fast is True and "4.60 ms in bf16 against 19.00 ms in fp32 (4.13x)" in why
+    slow, why = cpu_fast_bf16(True, "CPU has avx512_bf16", lambda: ProbeTimes(fp32_ms=19.0, bf16_ms=29.0))
+    assert slow is False and "(0.66x)" in why and f"under the {BF16_MIN_SPEEDUP}x" in why
+    marginal = ProbeTimes(fp32_ms=10.0, bf16_ms=10.0 / (BF16_MIN_SPEEDUP - 0.01))
+    assert cpu_fast_bf16(True, "", lambda: marginal)[0] is False
+    facts = DeviceFacts("cpu", "capped Xeon", slow, why, "AVX512")
+    p = resolve_precision("auto", "bf16", facts)
+    assert p.name == "fp32" and "not native" in p.reason and "0.66x" in p.reason
+
+
+def test_the_probe_runs_once_per_machine_and_library_versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPMLF_CACHE", str(tmp_path))
+    calls = []
+
+    def fake():
+        calls.append(1)
+        return ProbeTimes(fp32_ms=2.0, bf16_ms=0.5)
+
+    monkeypatch.setattr(hardware, "_time_products", fake)
+    assert hardware.bf16_probe() == ProbeTimes(2.0, 0.5) and len(calls) == 1
+    assert hardware.bf16_probe() == ProbeTimes(2.0, 0.5) and len(calls) == 1  # read back, not re-timed
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # another arithmetic: timed again
+    assert hardware.bf16_probe() == ProbeTimes(2.0, 0.5) and len(calls) == 2
+    (tmp_path / "hardware" / "bf16_probe.json").write_text("{ damaged")
+    assert hardware.bf16_probe() == ProbeTimes(2.0, 0.5) and len(calls) == 3  # a damaged cache is re-measured
+
+
+def test_the_real_probe_times_both_dtypes():
+    t = hardware._time_products(repeats=1, calls=1)
+    assert t.fp32_ms > 0 and t.bf16_ms > 0 and t.speedup == pytest.approx(t.fp32_ms / t.bf16_ms)
 
 
 @pytest.mark.parametrize("facts, want", [(AVX2_CPU, "fp32"), (V100, "fp32"), (BF16_CPU, "bf16"), (H100, "bf16")])
@@ -87,3 +136,12 @@ def test_env_reports_versions_and_what_auto_picks(capsys):
     assert main(["env", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "native bf16" in text and "auto precision" in text and "triton usable" in text
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:99", "foo", "tpu"])
+def test_env_refuses_a_device_this_machine_lacks_in_one_line(device, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["env", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --device: expected ") and repr(device) in err
