@@ -24,6 +24,13 @@ smoke test of every provider, fast enough for CI). Real measurements need `--ben
 Every test calls the `measure` fixture exactly once; the rows of the whole session are printed at
 the end as one table per suite and device, providers side by side with their ratio to the suite's
 baselines (`harness.SUITE_BASELINES`), and appended to the CSVs when recording.
+
+Values are checked whatever the mode (disabled or timed): each suite compares a provider's forward
+with its reference before timing it, and in the backward modes passes the gradients the timed
+callable returns, once, outside the timing, to the `check_gradients` fixture, against the
+reference's gradients in the benchmark dtype and in `BenchEnv.exact_dtype`. So a wrong provider
+fails instead of posting a fast number. Quick run of those checks alone:
+`pytest benchmarks -k "backward or bwd"` (a few seconds on CPU).
 """
 
 from __future__ import annotations
@@ -97,6 +104,12 @@ class BenchEnv:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def exact_dtype(self) -> torch.dtype:
+        """The dtype of the exact reference in gradient checks: float64 for a float32 run, float32
+        for the 16-bit dtypes (their rounding is what the check measures; float64 would only cost)."""
+        return torch.float64 if self.dtype == torch.float32 else torch.float32
 
 
 def _resolve_env(config) -> BenchEnv:
@@ -183,6 +196,44 @@ def _bench_threads(bench_env: BenchEnv):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+GRAD_ERROR_RATIO = 3.0
+"""Headroom of a provider's gradient error over the reference's own error in the same dtype."""
+GRAD_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+"""Error always allowed, relative to the tensor's largest exact gradient. A scalar gradient (a gate)
+sums every element's contribution with cancellation, so its 16-bit error relative to its value is
+a few percent (3 % for the cross-attention gate in bf16 on CPU) whatever the reference's own
+error on that one number happened to be; wrong gradients are off by tens of percent."""
+
+
+def _check_gradients(what: str, names, got, low, exact) -> None:
+    names, got, low, exact = list(names), list(got), list(low), list(exact)
+    assert len(names) == len(got) == len(low) == len(exact), f"{what}: {len(got)} gradients for {names}"
+    for name, g, lo, ex in zip(names, got, low, exact):
+        assert g.shape == ex.shape, f"{what}: d{name} has shape {tuple(g.shape)}, expected {tuple(ex.shape)}"
+        assert torch.isfinite(g).all(), f"{what}: d{name} has non-finite values"
+        ex = ex.double()
+        err = (g.double() - ex).abs().max().item()
+        base = (lo.double() - ex).abs().max().item()
+        bound = GRAD_ERROR_RATIO * base + GRAD_FLOOR[lo.dtype] * ex.abs().max().item()
+        assert err <= bound, (f"{what}: d{name} max error {err:.3g} > {bound:.3g} "
+                              f"(reference in {lo.dtype}: {base:.3g})")
+
+
+@pytest.fixture
+def check_gradients() -> Callable[..., None]:
+    """FlashAttention's error-ratio criterion for every gradient of a benchmarked backward:
+
+        max|got - exact| <= GRAD_ERROR_RATIO * max|low - exact| + GRAD_FLOOR[dtype] * max|exact|
+
+    Call as `check_gradients(what, names, got, low, exact)`: `got` the provider's gradients (those
+    the timed callable returns), `low` the reference's in the benchmark dtype, `exact` the
+    reference's in `BenchEnv.exact_dtype`, one per name. The bound scales with what the dtype
+    achieves on this input, so one rule serves float32 on CPU and bf16 on the GPU.
+    AssertionError naming the provider/mode (`what`) and the gradient.
+    """
+    return _check_gradients
 
 
 @pytest.fixture

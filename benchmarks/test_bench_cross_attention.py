@@ -13,8 +13,10 @@ Providers (same weights, same inputs, softmax scale 1/sqrt(D) as the official co
 
 Modes: `forward` (autograd recording on, as in training), `backward` (gradients of x, A and every
 weight from a stored forward, `torch.autograd.grad(..., retain_graph=True)`), `fwd+bwd`.
-Every forward is checked against the reference before it is timed, so a wrong provider fails
-instead of posting a fast number.
+Every forward is checked against the reference before it is timed, and in the backward modes
+every gradient the timed callable returns (x, A and each weight), once, outside the timing, against
+the reference's in the benchmark dtype and in `BenchEnv.exact_dtype` (the `check_gradients` fixture),
+so a wrong provider fails instead of posting a fast number.
 
 FLOP convention: the model FLOPs of the plain evaluation order, the same count for every
 provider (the absorbed order does different arithmetic for the same function):
@@ -77,8 +79,20 @@ def make_inputs(shape: CrossAttnShape, device, dtype, seed: int = 0) -> dict:
     )
 
 
+GRAD_NAMES = ("x", "av", "norm_weight", "norm_bias", "w_q", "w_kv", "w_o", "alpha")
+"""What the backward differentiates, in the order of every provider's tensors (norm_bias only
+with a LayerNorm)."""
+
+
+def reference_gradients(shape: CrossAttnShape, inp: dict, dout: torch.Tensor, dtype: torch.dtype):
+    """Gradients (in `GRAD_NAMES` order) of the reference provider run in `dtype`."""
+    copy = {k: None if t is None else t.detach().to(dtype).requires_grad_() for k, t in inp.items()}
+    fwd, leaves = build_provider("reference", shape, copy)
+    return torch.autograd.grad(fwd(), leaves, dout.to(dtype))
+
+
 def build_provider(provider: str, shape: CrossAttnShape, inp: dict):
-    """-> (forward callable, tensors whose gradients the backward computes)."""
+    """-> (forward callable, tensors whose gradients the backward computes, `GRAD_NAMES` order)."""
     d = shape.dims
     scale = d.d_model**-0.5  # official 1/sqrt(D)
     eps = 1e-5
@@ -88,11 +102,12 @@ def build_provider(provider: str, shape: CrossAttnShape, inp: dict):
         mod = mod.to(device=inp["x"].device, dtype=inp["x"].dtype)
         mod.load_weights(*(inp[k] for k in ("norm_weight", "norm_bias", "w_q", "w_kv", "w_o", "alpha")))
         x, av = inp["x"], inp["av"]
-        return (lambda: mod(x, av)), [x, av, *mod.parameters()]
+        weights = [mod.norm.weight, getattr(mod.norm, "bias", None), mod.w_q.weight, mod.w_kv.weight, mod.w_o.weight,
+                   mod.alpha]
+        return (lambda: mod(x, av)), [x, av, *(w for w in weights if w is not None)]
     backend = "triton" if provider.startswith("triton") else "reference"
     form = "absorbed" if provider.endswith("absorbed") else "plain"
-    names = ("x", "av", "norm_weight", "norm_bias", "w_q", "w_kv", "w_o", "alpha")
-    args = [inp[k] for k in names]
+    args = [inp[k] for k in GRAD_NAMES]
 
     def fwd():
         return gated_cross_attention(
@@ -127,7 +142,8 @@ def _check_forward(out: torch.Tensor, ref: torch.Tensor, provider: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_cross_attention(xattn_shape: CrossAttnShape, provider: str, mode: str, bench_env, measure):
+def test_cross_attention(xattn_shape: CrossAttnShape, provider: str, mode: str, bench_env, measure,
+                         check_gradients):
     device = bench_env.device.torch_device
     if provider in CUDA_ONLY:
         reason = triton_cross_attention_available()
@@ -150,5 +166,10 @@ def test_cross_attention(xattn_shape: CrossAttnShape, provider: str, mode: str, 
             return lambda: torch.autograd.grad(out, grads_of, dout, retain_graph=True)
         return lambda: torch.autograd.grad(fwd(), grads_of, dout)
 
+    if mode != "forward":  # the timed callable's gradients
+        names = [n for n in GRAD_NAMES if inp[n] is not None]
+        check_gradients(f"{provider} {mode}", names, make_fn()(),
+                        reference_gradients(xattn_shape, inp, dout, bench_env.dtype),
+                        reference_gradients(xattn_shape, inp, dout, bench_env.exact_dtype))
     flops, nbytes = flops_bytes(xattn_shape, mode, torch.finfo(bench_env.dtype).bits // 8)
     measure(make_fn, suite=SUITE, provider=provider, mode=mode, shape=xattn_shape.key, flops=flops, bytes=nbytes)

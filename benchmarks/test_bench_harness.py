@@ -1,11 +1,12 @@
 """Unit tests of the benchmark plumbing (not benchmarks): the shape registry, ratios, the CSV
-record and the Markdown renderer. Fast, CPU only."""
+record, the Markdown renderer and the gradient check of the backward modes. Fast, CPU only."""
 
 from __future__ import annotations
 
 import csv
 
 import pytest
+import torch
 
 import harness
 import render
@@ -47,6 +48,23 @@ def test_step_configs_cover_tiers():
     for s in shapes.STEP_CONFIGS:
         m = s.run_config().model
         assert m.parity == "official" and m.fusion.lora_rank == 0
+
+
+def test_gradient_check_scales_with_the_dtype_error(check_gradients):
+    """The `check_gradients` fixture: a provider as accurate as the reference passes, one
+    gradient off by 1 % fails naming it, and the bound follows the reference's own error."""
+    g = torch.Generator().manual_seed(0)
+    exact = [torch.randn(30, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    low = [t.float() for t in exact]
+    noisy = [(t + 1e-3 * torch.randn(t.shape, generator=g, dtype=t.dtype)).bfloat16() for t in exact]
+    check_gradients("same", "ab", low, low, exact)
+    check_gradients("bf16", "ab", noisy, [t.bfloat16() for t in exact], exact)
+    with pytest.raises(AssertionError, match=r"scaled: db max error .* \(reference in torch.float32"):
+        check_gradients("scaled", "ab", [low[0], low[1] * 1.01], low, exact)
+    with pytest.raises(AssertionError, match=r"bf16 scaled: da max error"):
+        check_gradients("bf16 scaled", "ab", [noisy[0] * 1.2, noisy[1]], [t.bfloat16() for t in exact], exact)
+    with pytest.raises(AssertionError, match="da has shape"):
+        check_gradients("shape", "ab", [low[0].t(), low[1]], low, exact)
 
 
 def test_device_peaks():

@@ -12,13 +12,18 @@ Inputs: token ids, the projected vision states `(B, tiles * tile_tokens, D)` and
 cross-attention mask (BOS before the image; every second sample's last tile padding), prepared by
 transformers (`_prepare_cross_attention_mask`), so the patched layers run two varlen launches.
 Modes: `forward` (autograd recording on) and `fwd+bwd` (gradients of every weight and of the vision
-states). Each provider's forward is checked against transformers' before it is timed.
+states). Each provider's forward is checked against transformers' before it is timed; in `fwd+bwd`
+every gradient the timed callable returns is checked once, outside the timing, against
+transformers' in the benchmark dtype and in `BenchEnv.exact_dtype` (a copy of the model)
+(the `check_gradients` fixture).
 
 GPU entry (the one-call check): `python -m pytest benchmarks/test_bench_mllama.py --benchmark-enable
 --record --bench-device cuda` (bf16, the `full` shape: Llama-3.2-11B-Vision widths, 5 layers).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -28,6 +33,19 @@ from shapes import MllamaShape
 SUITE = "mllama"
 PROVIDERS = ("transformers", "deepmlf")
 MODES = ("forward", "fwd+bwd")
+
+
+def reference_gradients(model, inputs: dict, dout: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Gradients of transformers' model (not yet patched) in `dtype`: every trained weight, in
+    `named_parameters` order, then the vision states. Weights and inputs are `model`'s and
+    `inputs`' own values, cast (the model is copied when `dtype` is not its own)."""
+    if dtype != dout.dtype:
+        model = copy.deepcopy(model).to(dtype)
+        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    states = inputs["cross_attention_states"].detach().requires_grad_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(**dict(inputs, cross_attention_states=states)).last_hidden_state
+    return list(torch.autograd.grad(out, [*params, states], dout.to(dtype)))
 
 
 def build(shape: MllamaShape, device, dtype):
@@ -66,7 +84,8 @@ def build(shape: MllamaShape, device, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_mllama_decoder(mllama_shape: MllamaShape, provider: str, mode: str, bench_env, measure):
+def test_mllama_decoder(mllama_shape: MllamaShape, provider: str, mode: str, bench_env, measure,
+                        check_gradients):
     from deepmlf_fast.integrations.mllama import apply_deepmlf_kernels_to_mllama
 
     device = bench_env.device.torch_device
@@ -74,18 +93,25 @@ def test_mllama_decoder(mllama_shape: MllamaShape, provider: str, mode: str, ben
     states = inputs["cross_attention_states"].requires_grad_(mode != "forward")
     with torch.no_grad():
         want = model(**inputs).last_hidden_state
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(device, want.dtype)
+    if mode != "forward":
+        references = [reference_gradients(model, inputs, dout, dtype)
+                      for dtype in (bench_env.dtype, bench_env.exact_dtype)]
     if provider == "deepmlf":
         apply_deepmlf_kernels_to_mllama(model)
         with torch.no_grad():
             got = model(**inputs).last_hidden_state
         tol = 1e-4 if bench_env.dtype == torch.float32 else 5e-2
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    params = [p for p in model.parameters() if p.requires_grad] + [states]
-    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(device, want.dtype)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + [("cross_attention_states", states)]
+    params = [p for _, p in named]
 
     def make_fn():
         if mode == "forward":
             return lambda: model(**inputs).last_hidden_state
         return lambda: torch.autograd.grad(model(**inputs).last_hidden_state, params, dout)
 
+    if mode != "forward":  # the timed callable's gradients
+        check_gradients(f"{provider} {mode}", [n for n, _ in named], make_fn()(), *references)
+        del references
     measure(make_fn, suite=SUITE, provider=provider, mode=mode, shape=mllama_shape.key)

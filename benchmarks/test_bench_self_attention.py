@@ -27,7 +27,12 @@ Conventions (identical for every provider, so TFLOP/s is useful work per second)
            backward 2.5× forward.
     bytes: fwd = read q, k, v + write o over the real rows;
            bwd = read q, k, v, o, d_o + write dq, dk, dv; fwd+bwd = fwd + bwd.
-Each forward is checked against `varlen_attention` on the real rows before timing.
+Each forward is checked against `varlen_attention` on the real rows before timing, and in the
+backward modes the gradients of q, k and v on the real rows, once, outside the timing (the
+`check_gradients` fixture: against the reference in the benchmark dtype and in
+`BenchEnv.exact_dtype`).
+The output gradient is the same for every provider: a fixed draw on the real rows, zero on the
+pad rows of the padded layouts (their outputs are discarded, as in the model).
 """
 
 from __future__ import annotations
@@ -91,10 +96,22 @@ class Inputs:
         (self.q, self.qp), (self.k, self.kp) = make(d.n_heads), make(d.n_kv_heads)
         self.v, self.vp = make(d.n_kv_heads)
         self.visible = padded_visibility(self.lengths, text_len, f)
+        # The output gradient of the backward modes, on the real rows only.
+        self.dout = torch.randn(n_rows, d.n_heads, d.head_dim, generator=g).to(device=device, dtype=dtype)
+        dout_padded = torch.zeros(bsz, t, d.n_heads, d.head_dim, device=device, dtype=dtype)
+        dout_padded[self.b_idx, self.pos] = self.dout
+        self.dout_padded = dout_padded.transpose(1, 2).contiguous()  # (B, H, T, d), zero on pad rows
 
     def padded_to_packed(self, out: torch.Tensor) -> torch.Tensor:
         """`(B, H, T, d)` output -> `(N, H, d)` real rows."""
         return out.transpose(1, 2)[self.b_idx, self.pos]
+
+    def reference_gradients(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """dq, dk, dv `(N, H, d)` of `varlen_attention(backend="reference")` run in `dtype`."""
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (self.q, self.k, self.v))
+        out = varlen_attention(q, k, v, self.cu_t, self.cu_t, self.max_seqlen, self.max_seqlen, causal=True,
+                               backend="reference")
+        return torch.autograd.grad(out, (q, k, v), self.dout.to(dtype))
 
 
 def provider_unavailable(provider: str, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
@@ -201,7 +218,8 @@ def flops_bytes(shape: SelfAttnShape, mode: str, elem: int) -> tuple[float, floa
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_self_attention(sattn_shape: SelfAttnShape, provider: str, mode: str, bench_env, measure):
+def test_self_attention(sattn_shape: SelfAttnShape, provider: str, mode: str, bench_env, measure,
+                        check_gradients):
     device, dtype = bench_env.device.torch_device, bench_env.dtype
     reason = provider_unavailable(provider, device, dtype, mode)
     if reason:
@@ -217,15 +235,21 @@ def test_self_attention(sattn_shape: SelfAttnShape, provider: str, mode: str, be
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol, msg=lambda m: f"{provider}: {m}")
 
+    dout = inp.dout_padded if provider in PADDED else inp.dout
+
     def make_fn():
         if mode == "forward":
             return fwd  # the check above already compiled (flex) and warmed it
         out = fwd()
-        dout = torch.randn_like(out)
         if mode == "backward":
             return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
         return lambda: torch.autograd.grad(fwd(), leaves, dout)
 
+    if mode != "forward":  # the timed callable's gradients, on the real rows
+        got = [to_packed(grad) for grad in make_fn()()]
+        check_gradients(f"{provider} {mode}", "qkv", got, inp.reference_gradients(dtype),
+                        inp.reference_gradients(bench_env.exact_dtype))
+        del got
     flops, nbytes = flops_bytes(sattn_shape, mode, torch.finfo(dtype).bits // 8)
     note = "forward under no_grad" if provider == "flex" and not training else ""
     measure(make_fn, suite=SUITE, provider=provider, mode=mode, shape=sattn_shape.key, flops=flops, bytes=nbytes,

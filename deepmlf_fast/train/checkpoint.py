@@ -9,6 +9,7 @@ the middle of a replacement left. Every damaged file raises a `CheckpointError` 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import random
 import zipfile
@@ -50,6 +51,19 @@ def _load_torch(path: Path, what: str):
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{what} {str(path)!r} is damaged (truncated or not a torch file): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def is_new_best(value: float, best: float, has_best: bool) -> bool:
+    """Whether an epoch whose validation value is `value` becomes the best so far.
+
+    It must beat `best` by more than 1e-6 (the official trainer's test). A non-finite value
+    (NaN, inf) never beats anything, but the first such epoch is kept while no epoch has a
+    best at all (`has_best` False), so the best checkpoint always exists; its recorded value
+    stays +inf, so any later finite value replaces it.
+    """
+    if not math.isfinite(value):
+        return not has_best
+    return value < best - 1e-6
 
 
 @dataclass

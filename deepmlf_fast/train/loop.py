@@ -14,6 +14,7 @@ every MM block, wall time) is kept in the resume point's state and handed to an 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,7 @@ from deepmlf_fast.fileio import pause_point
 from deepmlf_fast.ops.gate import gate_value
 from deepmlf_fast.train.checkpoint import (
     TrainState,
+    is_new_best,
     load_resume,
     load_weights,
     open_resume_point,
@@ -120,12 +122,17 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx:
         train = distributed.average_values(
             train_epoch(model, engine, loaders["train"], cfg, train_ctx, state.epoch, recorder))
         valid = evaluate(model, loaders["valid"], cfg.data.dataset, eval_ctx, desc="valid")
-        improved = valid[key] < state.best_metric - 1e-6
+        value = valid[key]
+        improved = is_new_best(value, state.best_metric, state.best_epoch >= 0)
+        if not math.isfinite(value):
+            log.warning("epoch %d: valid %s is %s, which never counts as an improvement%s", state.epoch + 1, key,
+                        value, "; its weights are kept as the best only until an epoch has a finite value"
+                        if improved else f"; the best stays epoch {state.best_epoch + 1}")
         # Read once: the best checkpoint and the resume point hold the same weights (under
         # DeepSpeed the read is a copy to the host, under ZeRO-3 a gather of every partition).
         engine_state, model_state = engine.state_dict(), engine.model_state(model)
         if improved:
-            state.best_metric, state.best_epoch = valid[key], state.epoch
+            state.best_metric, state.best_epoch = value if math.isfinite(value) else float("inf"), state.epoch
             if distributed.is_main():
                 save_weights(model_state, best_path)
         entry = {"epoch": state.epoch + 1, "train": train, "valid": valid, "lr": engine.lr,
@@ -143,7 +150,10 @@ def fit(model, engine, loaders: dict, cfg: RunConfig, seed_dir: Path, train_ctx:
         )
     distributed.barrier()  # rank 0 has written the best weights
     engine.load_model_state(model, load_weights(best_path))
-    log.info("best %s %.4f at epoch %d", key, state.best_metric, state.best_epoch + 1)
+    if math.isfinite(state.best_metric):
+        log.info("best %s %.4f at epoch %d", key, state.best_metric, state.best_epoch + 1)
+    else:
+        log.warning("no epoch had a finite valid %s: the weights kept are epoch %d's", key, state.best_epoch + 1)
     return state
 
 

@@ -13,6 +13,7 @@ finished encoder is written to `out_path` last, so its presence means stage 1 is
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from deepmlf_fast.model.av_encoder import AVPretrainModel
 from deepmlf_fast.model.losses import av_pretrain_loss
 from deepmlf_fast.train.checkpoint import (
     Stage1State,
+    is_new_best,
     load_resume,
     load_weights,
     open_resume_point,
@@ -84,9 +86,11 @@ def pretrain_av(cfg: RunConfig, train_loader, valid_loader, out_path: Path, work
         engine.end_epoch()
         valid = _valid_loss(model, valid_loader, ctx)
         plateau.step(valid)
-        improved = valid < state.best - 1e-6
+        improved = is_new_best(valid, state.best, state.best_epoch >= 0)
+        if not math.isfinite(valid):
+            log.warning("stage 1 epoch %d: valid L1 is %s, which never counts as an improvement", epoch + 1, valid)
         if improved:
-            state.best, state.best_epoch = valid, epoch
+            state.best, state.best_epoch = valid if math.isfinite(valid) else float("inf"), epoch
             save_weights(model.encoder.state_dict(), best_path)
         state.epoch += 1
         save_resume(last, model.state_dict(), {"engine": engine.state_dict(), "plateau": plateau.state_dict()}, state)

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from deepmlf_fast.backbones.load import load_backbone, resolve_backbone
 from deepmlf_fast.backbones.offline import smollm2_tokenizer
 from deepmlf_fast.config import AVEncoderConfig, FusionConfig, LossConfig, ModelConfig, TextConfig
-from deepmlf_fast.errors import BackboneError
+from deepmlf_fast.errors import BackboneError, ConfigError
 from deepmlf_fast.integrations import (
     apply_deepmlf,
     apply_fused_attention,
@@ -228,3 +228,32 @@ def test_unsupported_architecture_lists_the_supported_ones():
         with pytest.raises(BackboneError, match=r"'gpt_neox' is not supported.*\['gpt2', 'llama', 'mistral', 'qwen2'\]"):
             apply()
     assert not hasattr(lm, "deepmlf")
+
+
+@pytest.mark.parametrize("bad", [dict(mm_layers=(1, 7)), dict(n_heads=5)])
+def test_failed_apply_leaves_the_model_as_it_was(checkpoints, bad):
+    """A configuration the DeepMLF rejects (an MM layer past the backbone's 3 blocks, MM heads
+    that do not divide its width 64) fails inside `apply_deepmlf` after the backbone was frozen
+    and its attention switched: every parameter gets its own flag back (one was off before, so
+    a reset to True would show), the attention implementation is the original one, no module
+    is added, the weights are untouched, and the model can then be applied normally."""
+    lm, tok = user_model(checkpoints["llama"])
+    lm.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in lm.named_parameters()}
+    assert set(flags.values()) == {True, False}
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    modules = [(n, type(m)) for n, m in lm.named_modules()]
+    attn = lm.config._attn_implementation
+    before = logits(lm, tok)
+    with pytest.raises(ConfigError, match="fusion.mm_layers" if "mm_layers" in bad else "fusion.n_heads"):
+        apply_deepmlf(lm, model_config(**bad), tokenizer=tok)
+    assert {n: p.requires_grad for n, p in lm.named_parameters()} == flags
+    assert lm.config._attn_implementation == attn
+    assert [(n, type(m)) for n, m in lm.named_modules()] == modules and not hasattr(lm, "deepmlf")
+    after = lm.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert torch.equal(logits(lm, tok), before)
+    dm = apply_deepmlf(lm, model_config(), tokenizer=tok)
+    assert dm is deepmlf_of(lm) and lm.config._attn_implementation == "deepmlf"
+    revert_deepmlf(lm)
+    assert {n: p.requires_grad for n, p in lm.named_parameters()} == flags and lm.config._attn_implementation == attn

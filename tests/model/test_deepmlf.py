@@ -12,6 +12,7 @@ from deepmlf_fast.ops.cross_attention import gated_cross_attention_reference
 from deepmlf_fast.ops.gate import gate_value
 
 from deepmlf_fast.errors import CheckpointError
+from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.ops.linear_cross_entropy import linear_cross_entropy
 
 from helpers import make_batch, make_model
@@ -140,11 +141,62 @@ def test_clm_targets_follow_the_official_rule():
 
 
 def test_batch_of_one_trains():
+    """A batch of one in training mode (a trailing batch): BatchNorm cannot form batch statistics,
+    so the task head normalises with the running ones (here far from the identity) and leaves
+    them as they were; the prediction and the loss are those of that formula written out, the
+    gradients reach every trained part and no frozen one, and steps on the sample lower its loss."""
     model, tok = make_model("tiny-llama")
+    heads, norm = model.heads, model.heads.task_norm
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=g))
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=g) * 3 + 0.2)
+        norm.weight.copy_(torch.rand(norm.num_features, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(norm.num_features, generator=g) * 0.5)
+    stats = [t.clone() for t in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+    batch, label = make_batch(tok, texts=["fine"]), torch.tensor([2.5])
+    seen = {}
+    hook = heads.register_forward_hook(lambda module, args, out: seen.update(args=args))
     model.train()
-    out = model(**make_batch(tok, texts=["fine"]))
-    out["pred"].sum().backward()
-    assert torch.isfinite(out["pred"]).all()
+    out = model(**batch)
+    hook.remove()
+    assert heads.training and out["pred"].shape == (1,)
+    for before, after in zip(stats, (norm.running_mean, norm.running_var, norm.num_batches_tracked)):
+        assert torch.equal(before, after)
+    t_star, fusion, a_bar = seen["args"]
+    z = heads.task_in(torch.cat([fusion.mean(1), t_star, a_bar], dim=-1))
+    z = (z - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+    pred = heads.task_out(torch.relu(z)).squeeze(-1)
+    torch.testing.assert_close(out["pred"], pred, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(pred, heads.task_out(torch.relu(heads.task_in(
+        torch.cat([fusion.mean(1), t_star, a_bar], dim=-1)))).squeeze(-1))  # the normalisation matters
+
+    loss, parts = deepmlf_loss(out, label, model.cfg.loss)
+    torch.testing.assert_close(parts["task"], (pred - label).abs().mean().detach())
+    torch.testing.assert_close(parts["clm"], _clm(out).detach())
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("lm."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for prefix in ("fusion_tokens", "av_encoder.", "mm_blocks.1.", "mm_blocks.3.", "heads.task_in.",
+                   "heads.task_norm.", "heads.task_out."):
+        assert sum(p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith(prefix)) > 0, prefix
+
+    def eval_loss():  # the four L1 terms (the CLM term reads text rows the frozen LM mostly decides)
+        with torch.no_grad():
+            parts = deepmlf_loss(model.eval()(**batch), label, model.cfg.loss)[1]
+        return sum(parts.values()).item()
+
+    start = eval_loss()
+    opt = torch.optim.Adam(model.fusion_parameters(), lr=3e-3)
+    for _ in range(8):
+        opt.zero_grad()
+        deepmlf_loss(model.train()(**batch), label, model.cfg.loss)[0].backward()
+        opt.step()
+    assert eval_loss() < 0.5 * start
+    assert torch.equal(norm.num_batches_tracked, stats[2])  # still never updated from one sample
 
 
 def test_trained_state_dict_excludes_backbone_and_round_trips():

@@ -21,6 +21,7 @@ from test_gated_linear import _inputs as _gl_inputs  # noqa: E402
 from test_gated_linear import _kernel as _gl_kernel  # noqa: E402
 from test_gated_linear import _reference as _gl_reference  # noqa: E402
 from test_varlen_attention import _check as _attn_check  # noqa: E402
+from test_varlen_attention import _last_key_dominant  # noqa: E402
 
 ATTN_KERNELS = {"attn_fwd": "_fwd_kernel", "attn_bwd_dq": "_bwd_dq_kernel", "attn_bwd_dkdv": "_bwd_dkdv_kernel"}
 # A head dim that pads to each BLOCK_D and leaves masked columns where it can.
@@ -75,6 +76,32 @@ def test_every_attention_tile(device, assert_fa_close, monkeypatch, tf32_setting
     tf32_setting("tf32" if cls == "tf32" else "ieee")
     _attn_check(assert_fa_close, [5, 37, 20], [9, 40, 3], 2, 1, HEAD_DIM_OF[block_d], DTYPE_OF[cls], device,
                 seqused=[9, 33, 3], causal=True, dropout_p=0.1, baseline=BASELINE_OF[cls])
+    for kernel in kernels:
+        used = getattr(attention, ATTN_KERNELS[kernel]).last_config
+        assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile, kernel
+
+
+def _one_key_past(block_m, block_n):
+    """(lens_q, lens_k) of two samples whose last query tile is full and ends one key past a key
+    tile: Lq = one and two full query tiles, Lk = the next multiple of BLOCK_N at or above Lq,
+    plus 1, so the causal key bound m0 + BLOCK_M + Lk - Lq of that tile is k * BLOCK_N + 1."""
+    lens_q = [block_m, 2 * block_m]
+    return lens_q, [-(-n // block_n) * block_n + 1 for n in lens_q]
+
+
+@pytest.mark.parametrize("tile, cls, block_d, kernels", _ATTN_CASES,
+                         ids=[f"{m}x{n}-{cls}-d{bd}" for (m, n), cls, bd, _ in _ATTN_CASES])
+def test_every_attention_tile_reaches_the_last_causal_key(device, assert_fa_close, monkeypatch, tf32_setting, tile,
+                                                          cls, block_d, kernels):
+    """Forward and backward on full query tiles whose causal key bound is one past a key tile
+    (`_one_key_past`), the last query row weighting that last key most (`_last_key_dominant`):
+    a key loop bound one short, in any kernel of the tile, fails here in every dtype."""
+    pin = ";".join(f"{k}:BLOCK_M={tile[0]},BLOCK_N={tile[1]}" for k in kernels)
+    monkeypatch.setenv(common.CONFIG_ENV, pin)
+    tf32_setting("tf32" if cls == "tf32" else "ieee")
+    lens_q, lens_k = _one_key_past(*tile)
+    _attn_check(assert_fa_close, lens_q, lens_k, 2, 1, HEAD_DIM_OF[block_d], DTYPE_OF[cls], device, causal=True,
+                baseline=BASELINE_OF[cls], make_inputs=_last_key_dominant)
     for kernel in kernels:
         used = getattr(attention, ATTN_KERNELS[kernel]).last_config
         assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile, kernel

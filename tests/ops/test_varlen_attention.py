@@ -30,6 +30,20 @@ def _inputs(lens_q, lens_k, hq, hkv, d, dtype, device, seed=0):
     return [t.to(device, dtype) for t in (q, k, v, dout)]
 
 
+def _last_key_dominant(lens_q, lens_k, hq, hkv, d, dtype, device):
+    """`_inputs` where each sample's last query row puts ~98 % of its softmax weight on the
+    sample's last key (score ~8 against ~N(0, 1) for the others), in every query head.
+    Under the bottom-right causal mask that key is visible to that row only, so a key loop
+    that stops one key short changes the row by O(1), far above bf16's rounding."""
+    q, k, v, dout = (t.float().cpu() for t in _inputs(lens_q, lens_k, hq, hkv, d, FP32, "cpu"))
+    cu_q, cu_k = _cu(lens_q, "cpu").tolist(), _cu(lens_k, "cpu").tolist()
+    for b in range(len(lens_q)):
+        if lens_q[b] and lens_k[b]:
+            key = k[cu_k[b + 1] - 1].repeat_interleave(hq // hkv, dim=0)  # (hq, d), kv head of each query head
+            q[cu_q[b + 1] - 1] = key * (8.0 * d**0.5 / key.square().sum(-1, keepdim=True))
+    return [t.to(device, dtype) for t in (q, k, v, dout)]
+
+
 def _fwd_bwd(fn, q, k, v, dout, *args, **kwargs):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v, *args, **kwargs)
@@ -37,12 +51,13 @@ def _fwd_bwd(fn, q, k, v, dout, *args, **kwargs):
 
 
 def _check(assert_fa_close, lens_q, lens_k, hq, hkv, d, dtype, device, *, seqused=None, dropout_p=0.0,
-           baseline=None, **kw):
+           baseline=None, make_inputs=_inputs, **kw):
     """Kernel vs the reference in `baseline` (default: the input dtype; bf16 for fp32 under
-    TF32, whose 10-bit operands make fp32's bound unfair) vs the reference in fp64."""
+    TF32, whose 10-bit operands make fp32's bound unfair) vs the reference in fp64, on
+    `make_inputs(lens_q, lens_k, hq, hkv, d, dtype, device)` (q, k, v, dout)."""
     from deepmlf_kernels.attention import attention_dropout_mask, varlen_attention_triton
 
-    q, k, v, dout = _inputs(lens_q, lens_k, hq, hkv, d, dtype, device)
+    q, k, v, dout = make_inputs(lens_q, lens_k, hq, hkv, d, dtype, device)
     args = (_cu(lens_q, device), _cu(lens_k, device), max(lens_q), max(lens_k))
     used = None if seqused is None else torch.tensor(seqused, dtype=torch.int32, device=device)
     seed = torch.tensor([2024], dtype=torch.int64, device=device)
@@ -64,6 +79,18 @@ def _check(assert_fa_close, lens_q, lens_k, hq, hkv, d, dtype, device, *, sequse
 def test_odd_lengths(device, assert_fa_close, causal, dtype):
     lens = [1, 7, 63, 65, 129]
     _check(assert_fa_close, lens, lens, 2, 2, 64, dtype, device, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_query_tile_ending_one_key_past_a_key_tile(device, assert_fa_close, dtype):
+    """Causal, Lk > Lq, and a full query tile whose causal key bound (m0 + BLOCK_M + Lk - Lq)
+    is one more than a multiple of BLOCK_N: the key loop must reach that last key. 70 queries
+    over 71 keys (64-row tiles: bound 65), 64 over 129 (bound 129), and the fusion rows' pass
+    over the text prefix (20 fusion tokens of SIMS over 17 text + 20 fusion keys: bound 33
+    with 16-row tiles). Unpinned, the interpreter runs the largest tile (64x64);
+    `test_kernel_configs` pins every tile of the tables on shapes built from it."""
+    _check(assert_fa_close, [70, 64, 20], [71, 129, 37], 2, 1, 30, dtype, device, causal=True,
+           make_inputs=_last_key_dominant)
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 
 import pytest
 
@@ -98,3 +99,54 @@ def test_a_different_configuration_never_mixes_into_an_existing_run(tmp_path):
     changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion=FusionConfig(n_tokens=2, mm_layers=(3,), n_heads=8)))
     with pytest.raises(ConfigError, match="different configuration"):
         train_run(changed)
+
+
+def test_a_nan_validation_metric_keeps_a_best_checkpoint_and_says_so(tmp_path, monkeypatch, caplog):
+    """Every validation value of both stages is NaN: the run still ends with test metrics and
+    best weights (the first epoch's, the only candidates), and the log says why."""
+    from deepmlf_fast.train import stage1
+
+    def nan_metrics(*args, **kwargs):
+        return {**evaluate(*args, **kwargs), "MAE": float("nan")}
+
+    evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", nan_metrics)
+    monkeypatch.setattr(stage1, "_valid_loss", lambda *a: float("nan"))
+    cfg = small_run(tmp_path, max_epochs=2, cosine_epochs=2, early_stop=5)
+    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, max_epochs=2),
+                              data=dataclasses.replace(cfg.data, synthetic_sizes=(48, 16, 16)))
+    with caplog.at_level("WARNING"):
+        results = train_run(cfg)
+    assert results["per_seed"]["7"]["best_epoch"] == 1 and results["per_seed"]["7"]["epochs"] == 2
+    assert (tmp_path / "run" / "seed_7" / "best.safetensors").is_file()
+    assert "no epoch had a finite valid MAE: the weights kept are epoch 1's" in caplog.text
+    assert "stage 1 epoch 1: valid L1 is nan" in caplog.text
+
+
+def _seed_result(seed: int) -> dict:
+    """A made-up per-seed result (what `_run_seed` returns): every MOSI metric differs by seed."""
+    test = {key: round(0.1 * (i + 1) + 0.37 * seed + (0.05 * seed) ** 2, 6)
+            for i, key in enumerate(METRIC_KEYS["mosi"])}
+    return {"test": test, "valid": {"MAE": 1.0 + seed}, "best_epoch": 1, "epochs": 1}
+
+
+def test_results_are_the_mean_and_population_std_over_seeds(tmp_path, monkeypatch):
+    """results.json over three seeds (with `_run_seed` stubbed: no training): each top-level
+    metric is the mean of the per-seed test values, `std` their population std (numpy's
+    default, ddof 0), computed here with the statistics module; per_seed keeps every seed."""
+    from deepmlf_fast.train import run
+
+    seeds = (3, 11, 4)
+    monkeypatch.setattr(run, "_run_seed", lambda session, seed, run_dir: _seed_result(seed))
+    cfg = small_run(tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seeds=seeds))
+    returned = train_run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert returned == results
+    assert results["seeds"] == list(seeds) and results["per_seed"] == {str(s): _seed_result(s) for s in seeds}
+    assert set(results["std"]) == set(METRIC_KEYS["mosi"]) and results["metric_names"] == list(METRIC_KEYS["mosi"])
+    for key in METRIC_KEYS["mosi"]:
+        values = [_seed_result(s)["test"][key] for s in seeds]
+        assert results[key] == pytest.approx(statistics.fmean(values), rel=1e-12), key
+        assert results["std"][key] == pytest.approx(statistics.pstdev(values), rel=1e-9), key
+        assert results["std"][key] > 0.3, key  # the seeds really differ
