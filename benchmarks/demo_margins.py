@@ -8,16 +8,15 @@ Arguments are `deepmlf train`'s (default `--seeds 1990 1991 1992 --output-dir ru
 
 Trains the README's default run (the `demo` recipe) once per seed, then for each seed reports
 the test MAE of the task prediction and of every single head, the fusion-token head's margin
-over the text head, and how much the task and fusion-token predictions worsen when every test
-sample gets another sample's audio and vision (`tests/train/test_learning.py` asserts the
-same properties). Appends one record per seed, with the CPU model, capability, ISA caps,
+over the text head, the task prediction minus the fusion-token head, and how much the task and
+fusion-token predictions worsen when every test sample gets another sample's audio and vision
+(`tests/train/test_learning.py` asserts the same properties). Appends one record per seed, with the CPU model, capability, ISA caps,
 precision and versions, to `benchmarks/results/demo_margins.json` and prints the rows of the
 README's margin table.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -25,37 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deepmlf_fast.hardware import cpu_flags, device_facts
-from deepmlf_fast.presets import recipe
-from deepmlf_fast.train.evaluate import predict
-from deepmlf_fast.train.run import load_run, train_run
+from deepmlf_fast.train.run import av_swap_maes, train_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_margins.json"
-
-
-def swap_effect(run_dir: Path, seed: int) -> dict[str, float]:
-    """Test MAE of the task and fusion-token predictions, as trained and with each test sample's
-    audio/vision replaced by another sample's (a fixed permutation)."""
-    session, model = load_run(run_dir, torch.device("cpu"), seed=seed)
-    test = session.data.test
-    mine = predict(model, session.loader("test", 64, False), session.eval_ctx)
-    perm = np.random.default_rng(0).permutation(len(test))
-    test.audio, test.vision = test.audio[perm], test.vision[perm]
-    if test.audio_lengths is not None:
-        test.audio_lengths, test.vision_lengths = test.audio_lengths[perm], test.vision_lengths[perm]
-    swapped = predict(model, session.loader("test", 64, False), session.eval_ctx)
-
-    def mae(p: dict, head: str) -> float:
-        return float(np.abs(p[head] - p["labels"]).mean())
-
-    return {f"{which}_{head}": mae(p, head) for which, p in (("own", mine), ("swapped", swapped))
-            for head in ("pred", "pred_fusion", "pred_text")}
 
 
 def path_label(precision: str) -> str:
@@ -98,11 +75,11 @@ def main(argv: list[str] | None = None) -> None:
             "seed": seed, "args": argv, "run_seconds_all_seeds": round(seconds, 1),
             **{k: test[k] for k in ("MAE", "MAE_text", "MAE_av", "MAE_fusion", "Corr")},
             "margin_text_minus_fusion": test["MAE_text"] - test["MAE_fusion"],
-            **swap_effect(out, seed), "versions": versions(),
+            **av_swap_maes(out, seed), "versions": versions(),
         }
         records.append(rec)
         print(f"| {rec['path']} | {seed} | {rec['MAE']:.3f} | {rec['MAE_text']:.3f} | {rec['MAE_av']:.3f} | "
-              f"{rec['MAE_fusion']:.3f} | **{rec['margin_text_minus_fusion']:+.3f}** | "
+              f"{rec['MAE_fusion']:.3f} | **{rec['margin_text_minus_fusion']:+.3f}** | {rec['MAE'] - rec['MAE_fusion']:+.3f} | "
               f"{rec['swapped_pred'] - rec['own_pred']:+.3f} / {rec['swapped_pred_fusion'] - rec['own_pred_fusion']:+.3f} |")
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from deepmlf_fast.report.tensorboard import tensorboard_recorder
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.engine import make_engine
-from deepmlf_fast.train.evaluate import evaluate
+from deepmlf_fast.train.evaluate import evaluate, predict
 from deepmlf_fast.train.loop import fit
 from deepmlf_fast.train.rundir import RunDir
 from deepmlf_fast.train.stage1 import pretrain_av
@@ -331,3 +331,21 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
     model = session.new_model(seed)
     model.load_trained_state_dict(load_weights(rd.best(seed)))
     return session, model
+
+
+def av_swap_maes(run_dir: str | Path, seed: int, perm_seed: int = 0) -> dict[str, float]:
+    """The fusion ablation of a finished run: test MAE of the task, fusion-token and text
+    predictions of `seed`'s best model as trained (`own_pred`, `own_pred_fusion`,
+    `own_pred_text`) and with every test sample's audio and vision replaced by another
+    sample's, under one fixed permutation (`swapped_...`). A model that reads AV gets worse
+    when swapped; the text head, which never sees AV, must not change."""
+    session, model = load_run(run_dir, torch.device("cpu"), seed=seed)
+    test = session.data.test
+    own = predict(model, session.loader("test", 64, False), session.eval_ctx)
+    perm = np.random.default_rng(perm_seed).permutation(len(test))
+    test.audio, test.vision = test.audio[perm], test.vision[perm]
+    if test.audio_lengths is not None:
+        test.audio_lengths, test.vision_lengths = test.audio_lengths[perm], test.vision_lengths[perm]
+    swapped = predict(model, session.loader("test", 64, False), session.eval_ctx)
+    return {f"{which}_{head}": float(np.abs(p[head] - p["labels"]).mean())
+            for which, p in (("own", own), ("swapped", swapped)) for head in ("pred", "pred_fusion", "pred_text")}
