@@ -37,7 +37,7 @@ import numpy as np
 
 from deepmlf_fast.backbones.load import backbone_config
 from deepmlf_fast.backbones.registry import BACKBONES
-from deepmlf_fast.config import FusionConfig, RunConfig
+from deepmlf_fast.config import FusionConfig, RunConfig, with_av_widths
 from deepmlf_fast.presets import adapt_to_backbone, recipe
 
 LENGTH_SEED = 20250415
@@ -120,7 +120,7 @@ def run_config(backbone: str) -> RunConfig:
     cfg = recipe(RECIPE_OF[backbone])
     if cfg.model.backbone != backbone:
         cfg = adapt_to_backbone(cfg, backbone)
-    return cfg
+    return with_av_widths(cfg)  # the dataset's standard widths: benchmarks read no data file
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,16 +24,21 @@ import traceback
 from pathlib import Path
 
 from deepmlf_fast.errors import DeepMLFError
+from deepmlf_fast.report.classes import CLASS_RULES
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from deepmlf_fast.backbones.registry import BACKBONES
+    from deepmlf_fast.config import DataConfig, choices
+
     g = p.add_argument_group("what to train")
     g.add_argument("--data", help="MMSA .pkl (trusted sources only) or converted .npz; default: embedded synthetic data")
-    g.add_argument("--dataset", choices=["mosi", "mosei", "sims"], help="dataset the file holds (default mosi)")
+    g.add_argument("--dataset", choices=choices("data.dataset"),
+                   help=f"dataset the file holds (default {DataConfig.dataset})")
     g.add_argument("--preset", help="a named recipe (see `deepmlf presets`); default: the dataset's released recipe, "
                                     "or `demo` without --data")
-    g.add_argument("--backbone", help="backbone preset (tiny-gpt2, tiny-llama, smollm2-135m, gpt2, gpt2-large, "
-                                      "gpt2-chinese, smollm2-1.7b, llama-7b), a local checkpoint dir, or a cached hub id")
+    g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONES)}), a local checkpoint dir, or a cached "
+                                      "hub id")
     g.add_argument("--config", help="JSON file with a full RunConfig (written by a previous run as config.json)")
     g = p.add_argument_group("overrides")
     g.add_argument("--output-dir", help="run directory (default runs/<preset>)")
@@ -46,13 +51,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="learning rate of both parameter sides")
     g.add_argument("--mm-layers", help="comma-separated 0-based LM blocks followed by an MM block")
     g.add_argument("--fusion-tokens", type=int)
-    g.add_argument("--parity", choices=["corrected", "official"], help="reproduce the official code's numerics")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+    g.add_argument("--parity", choices=choices("model.parity"), help="reproduce the official code's numerics")
+    g.add_argument("--precision", choices=choices("train.precision"),
                    help="backbone weights + autocast; auto (default): the recipe's, but bf16 only where the "
                         "device runs it natively (see `deepmlf env`)")
     g.add_argument("--tf32", action="store_true", help="fp32 matrix products on TF32 tensor cores (CUDA)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--backend", choices=["auto", "triton", "reference"], help="attention op backend")
+    g.add_argument("--backend", choices=choices("train.backend"), help="attention op backend")
     g.add_argument("--av-length-masks", action="store_true", help="use per-sample AV lengths (masks)")
     g.add_argument("--recompute-lm-blocks", action="store_true",
                    help="activation checkpointing of the frozen LM blocks (less memory, ~15%% more time)")
@@ -152,12 +157,13 @@ def cmd_train(args) -> int:
     from deepmlf_fast.report import report_after_training
     from deepmlf_fast.train import distributed
     from deepmlf_fast.train.run import train_run
+    from deepmlf_fast.train.rundir import RunDir
 
     cfg = run_config_from_args(args)
     train_run(cfg, resume=args.resume, overwrite=args.overwrite)
     writer = distributed.is_main()  # read before leaving the process group, after which every rank is "0"
     if writer:
-        print(f"results: {Path(cfg.train.output_dir) / 'results.json'}")
+        print(f"results: {RunDir(cfg.train.output_dir).results}")
     distributed.shutdown()
     if writer and not getattr(args, "no_report", False):  # train.py's parser has no --no-report
         report = report_after_training(cfg.train.output_dir, cfg.train.device)
@@ -167,13 +173,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from deepmlf_fast.report.sweep import run_sweep
+    from deepmlf_fast.report.sweep import write_summary
     from deepmlf_fast.train import distributed
+    from deepmlf_fast.train.sweep import run_sweep
 
     cfg = run_config_from_args(args)
     sweep_dir = Path(args.output_dir) if args.output_dir else Path("sweeps") / Path(cfg.train.output_dir).name
-    summary = run_sweep(cfg, args.grid, sweep_dir, resume=args.resume, overwrite=args.overwrite)
+    sweep = run_sweep(cfg, args.grid, sweep_dir, resume=args.resume, overwrite=args.overwrite)
     if distributed.is_main():
+        summary = write_summary(sweep_dir, sweep.axes, sweep.cells)
         print(f"summary: {sweep_dir / 'summary.md'} ({len(summary['cells'])} cells)")
     distributed.shutdown()
     return 0
@@ -223,13 +231,13 @@ def _trained_split(args, require_labels: bool = True):
 
 def cmd_eval(args) -> int:
     from deepmlf_fast.fileio import write_json
-    from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
+    from deepmlf_fast.metrics import format_metrics, metric_keys
     from deepmlf_fast.train.evaluate import evaluate
 
     session, model, loader = _trained_split(args)
     dataset = session.cfg.data.dataset
     metrics = evaluate(model, loader, dataset, session.eval_ctx, desc=args.split)
-    print(format_metrics({k: metrics[k] for k in METRIC_KEYS[dataset]}))
+    print(format_metrics({k: metrics[k] for k in metric_keys(dataset)}))
     out = Path(args.run) / f"eval_{args.split}.json"
     write_json(out, {"split": args.split, "data": session.data.source, "metrics": metrics})
     print(f"written {out}")
@@ -308,17 +316,13 @@ pred_text, pred_av, pred_fusion (each head's; fusion: mean over the fusion token
 pred_class. --data may hold new samples without regression_labels (label and label_class
 are then empty), and need hold only the split it is predicted on.
 
-Classes, as MMSA rounds scores for Mult_acc_7 (MOSI, MOSEI) and Mult_acc_5 (SIMS):
-  MOSI/MOSEI: round(clip(score, -3, 3)), halves to even:
-    strongly negative < -2.5 <= negative <= -1.5 < weakly negative < -0.5 <= neutral <= 0.5
-    < weakly positive < 1.5 <= positive <= 2.5 < strongly positive
-  SIMS: clip(score, -1, 1), right-closed intervals:
-    negative [-1, -0.7], weakly negative (-0.7, -0.1], neutral (-0.1, 0.1],
-    weakly positive (0.1, 0.7], positive (0.7, 1]
-"""
+""" + CLASS_RULES
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deepmlf_fast.config import DataConfig, choices
+    from deepmlf_fast.data.mmsa import SPLITS
+
     parser = argparse.ArgumentParser(prog="deepmlf", description="DeepMLF multimodal sentiment analysis")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -364,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--run", required=True, help="run directory written by `deepmlf train`")
         p.add_argument("--data", help="data file (default: the run's own)")
-        p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+        p.add_argument("--split", default="test", choices=SPLITS)
         p.add_argument("--seed", type=int, help="which seed's model (default: the first)")
         p.add_argument("--device", default="auto")
         if name == "predict":
@@ -373,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic", help="write MMSA-format synthetic data with real transcripts")
     p.add_argument("--out", required=True)
-    p.add_argument("--dataset", default="mosi", choices=["mosi", "mosei", "sims"])
+    p.add_argument("--dataset", default=DataConfig.dataset, choices=choices("data.dataset"))
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-valid", type=int)
     p.add_argument("--n-test", type=int)
@@ -385,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-data", help="convert an MMSA pickle to the safe .npz format")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dataset", required=True, choices=["mosi", "mosei", "sims"])
+    p.add_argument("--dataset", required=True, choices=choices("data.dataset"))
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("estimate-memory", help="estimate per-GPU memory of a (DeepSpeed) training run",

@@ -8,6 +8,13 @@ overrides (`"model.fusion.n_tokens": 12`) applied by `apply_overrides`; the CLI'
 The `parity` field of `ModelConfig` selects between the corrected default and the
 `official` mode that reproduces the released code's numerics. Every behaviour that
 differs between the two is a field of `ParityFlags`, and nothing else may differ.
+
+The field types are the one statement of what each field accepts: `validate_config` reads
+them (a `Literal`'s values, a bound in `Annotated[..., Check(...)]`) and the CLI's `choices=`
+come from `choices`. A set of choices that carries data or code lives with it and its
+`Literal` is made from it: dataset names are the keys of `data.specs.DATASETS`, gate kinds
+of `ops.gate.GATES`, attention backends `ops.dispatch.BACKENDS`, parity modes of
+`PARITY_FLAGS`.
 """
 
 from __future__ import annotations
@@ -16,12 +23,33 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
+from deepmlf_fast.data.specs import DatasetName, dataset_spec
 from deepmlf_fast.errors import ConfigError
+from deepmlf_fast.ops.dispatch import BACKENDS
+from deepmlf_fast.ops.gate import GATES
 
-ParityMode = Literal["corrected", "official"]
-DatasetName = Literal["mosi", "mosei", "sims"]
+GateKind = Literal[GATES]
+AttentionBackend = Literal[BACKENDS]
+PrecisionName = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A bound on a field's value beyond its type, read by `validate_config` from an
+    `Annotated` type: `ok(value)` must hold; `expected` says what in error messages."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+
+
+PositiveInt = Annotated[int, Check(lambda v: v >= 1, "an integer >= 1")]
+NonNegativeInt = Annotated[int, Check(lambda v: v >= 0, "an integer >= 0")]
+Positive = Annotated[float, Check(lambda v: v > 0, "a number > 0")]
+NonNegative = Annotated[float, Check(lambda v: v >= 0, "a number >= 0")]
+Probability = Annotated[float, Check(lambda v: 0 <= v < 1, "a number in [0, 1)")]
+Fraction = Annotated[float, Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")]
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,7 @@ PARITY_FLAGS: dict[str, ParityFlags] = {
         mm_norm_eps="official",
     ),
 }
+ParityMode = Literal[tuple(PARITY_FLAGS)]
 
 
 def parity_flags(mode: str) -> ParityFlags:
@@ -96,16 +125,18 @@ def parity_flags(mode: str) -> ParityFlags:
 class AVEncoderConfig:
     """Audiovisual encoder (reference §1.3): two 3-layer pre-norm encoders fused to d_model."""
 
-    audio_dim: int = 5
-    vision_dim: int = 20
-    d_model: int = 30
-    n_heads: int = 6
-    n_layers: int = 3
-    ff_mult: int = 4
-    dropout: float = 0.1
-    max_len: int = 50
+    audio_dim: PositiveInt | None = None
+    vision_dim: PositiveInt | None = None
+    """Da, Dv: the encoder's input widths. None (every recipe): the data's, set by `with_av_widths`
+    when the data is read; a given width must equal the data's (ConfigError otherwise)."""
+    d_model: PositiveInt = 30
+    n_heads: PositiveInt = 6
+    n_layers: PositiveInt = 3
+    ff_mult: PositiveInt = 4
+    dropout: Probability = 0.1
+    max_len: PositiveInt = 50
     """L_av: raw sequences are pooled to this many steps."""
-    p_perm: float = 0.2
+    p_perm: Fraction = 0.2
     """SoftPerm probability of replacing a channel by its time-shuffled copy (training only)."""
     batch_norm_audio: bool = False
     batch_norm_vision: bool = False
@@ -118,22 +149,22 @@ class AVEncoderConfig:
 class FusionConfig:
     """Fusion tokens and MM blocks (reference §1.5-1.8)."""
 
-    n_tokens: int = 8
+    n_tokens: PositiveInt = 8
     mm_layers: tuple[int, ...] = ()
     """0-based LM blocks after which an MM block runs (at least one; every recipe sets them, and
     `presets.adapt_to_backbone` moves them to another backbone's depth)."""
-    n_heads: int = 16
+    n_heads: PositiveInt = 16
     ffn_all_rows: bool = True
     """The MM FFN runs on every row, text and fusion (True: the official `combine`, every
     recipe), or on the fusion rows only."""
-    gate: Literal["sigmoid", "tanh"] = "sigmoid"
+    gate: GateKind = "sigmoid"
     gate_init: float = 0.0
     ffn_gate_init: float = 0.0
-    dropout: float = 0.1
-    lora_rank: int = 0
+    dropout: Probability = 0.1
+    lora_rank: NonNegativeInt = 0
     """LoRA rank on the MM FFN (through peft); 0 trains the copied FFN fully."""
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_alpha: Positive = 16.0
+    lora_dropout: Probability = 0.05
     xattn_form: Literal["auto", "plain", "absorbed"] = "auto"
     """Cross-attention evaluation order; all three compute the same function."""
 
@@ -142,22 +173,22 @@ class FusionConfig:
 class TextConfig:
     """Transcript tokenisation and text augmentation."""
 
-    max_tokens: int = 50
+    max_tokens: PositiveInt = 50
     """L: transcripts are truncated to L tokens; fusion tokens sit at positions L..L+n-1."""
     seqaug: bool = False
     """Text SoftPerm on token embeddings (GPT-2 recipes)."""
-    p_perm: float = 0.2
-    p_apply: float = 0.25
+    p_perm: Fraction = 0.2
+    p_apply: Fraction = 0.25
 
 
 @dataclass
 class LossConfig:
     """Loss weights (reference §2.1): L = task + w_fusion*L_f + w_av*L_av + w_text*L_t + w_clm*L_clm."""
 
-    w_fusion: float = 1.0
-    w_av: float = 1.0
-    w_text: float = 1.0
-    w_clm: float = 0.0
+    w_fusion: NonNegative = 1.0
+    w_av: NonNegative = 1.0
+    w_text: NonNegative = 1.0
+    w_clm: NonNegative = 0.0
     """gamma; 0 skips the LM head entirely."""
 
 
@@ -165,13 +196,13 @@ class LossConfig:
 class ModelConfig:
     """Everything needed to rebuild a DeepMLF model around a backbone."""
 
-    backbone: str = "smollm2-135m"
+    backbone: Annotated[str, Check(lambda v: bool(v.strip()), "a backbone name or path")] = "smollm2-135m"
     av: AVEncoderConfig = field(default_factory=AVEncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    head_hidden: int = 64
-    parity: str = "corrected"
+    head_hidden: PositiveInt = 64
+    parity: ParityMode = "corrected"
     text_prefix_no_grad: bool = True
     """Run text rows below the first MM block without autograd (they cannot depend on
     any trained parameter); exact, saves backward work and activation memory."""
@@ -192,22 +223,22 @@ class ModelConfig:
 class OptimConfig:
     """Stage-2 (DeepMLF) optimisation (reference §2.5-2.7)."""
 
-    lr_mm: float = 1e-4
-    lr_av: float = 1e-4
-    weight_decay_mm: float = 0.001
-    weight_decay_av: float = 0.001
+    lr_mm: Positive = 1e-4
+    lr_av: Positive = 1e-4
+    weight_decay_mm: NonNegative = 0.001
+    weight_decay_av: NonNegative = 0.001
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    batch_size: int = 32
-    grad_accum: int = 8
-    grad_clip: float = 5.0
-    warmup_epochs: float = 1.0
-    cosine_epochs: int = 150
+    eps: Positive = 1e-8
+    batch_size: PositiveInt = 32
+    grad_accum: PositiveInt = 8
+    grad_clip: NonNegative = 5.0
+    warmup_epochs: NonNegative = 1.0
+    cosine_epochs: PositiveInt = 150
     """Cosine period in epochs (official `max_epochs`); warm restarts after it."""
-    eta_min: float = 1e-7
-    max_epochs: int = 200
+    eta_min: NonNegative = 1e-7
+    max_epochs: PositiveInt = 200
     """Hard cap on epochs; early stopping usually ends training first."""
-    early_stop: int = 30
+    early_stop: PositiveInt = 30
     key_metric: Literal["Loss", "MAE"] = "MAE"
 
 
@@ -216,15 +247,15 @@ class AVPretrainConfig:
     """Stage 1: AV-encoder pretraining (`bienc`, reference §2.8)."""
 
     enabled: bool = True
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 32
-    grad_accum: int = 4
-    grad_clip: float = 1.0
-    plateau_patience: int = 10
-    early_stop: int = 8
-    max_epochs: int = 100
-    max_len: int | None = None
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.01
+    batch_size: PositiveInt = 32
+    grad_accum: PositiveInt = 4
+    grad_clip: NonNegative = 1.0
+    plateau_patience: NonNegativeInt = 10
+    early_stop: PositiveInt = 8
+    max_epochs: PositiveInt = 100
+    max_len: PositiveInt | None = None
     """L_av for stage 1 (SIMS pools to 39 there); None: same as stage 2."""
 
 
@@ -234,37 +265,37 @@ class DataConfig:
 
     path: str | None = None
     """MMSA .pkl or converted .npz; None: the embedded synthetic default."""
-    dataset: str = "mosi"
-    audio_dim: int | None = None
-    vision_dim: int | None = None
-    """Expected feature widths; None: the dataset's standard MMSA widths."""
-    num_workers: int = 0
+    dataset: DatasetName = "mosi"
+    audio_dim: PositiveInt | None = None
+    vision_dim: PositiveInt | None = None
+    """The feature widths a data file must have; None: the dataset's standard MMSA widths."""
+    num_workers: NonNegativeInt = 0
     synthetic_sizes: tuple[int, int, int] = (600, 150, 300)
     """train/valid/test sizes of the embedded synthetic data used when `path` is None."""
-    synthetic_seed: int = 0
+    synthetic_seed: NonNegativeInt = 0
 
 
 @dataclass
 class TrainConfig:
     """Run-level settings."""
 
-    output_dir: str = "runs/default"
+    output_dir: Annotated[str, Check(lambda v: bool(v.strip()), "a directory path")] = "runs/default"
     seeds: tuple[int, ...] = (1990,)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", PrecisionName] = "auto"
     """Backbone weights and autocast together: 'auto' takes `recipe_precision` where the
     device runs bf16 natively and fp32 elsewhere (`deepmlf_fast.hardware`)."""
-    recipe_precision: Literal["fp32", "bf16"] = "fp32"
+    recipe_precision: PrecisionName = "fp32"
     """The precision the recipe was released with (bf16 for SmolLM2, fp32 for GPT-2)."""
     tf32: bool = False
     """fp32 matrix products on TF32 tensor cores (CUDA only; the official code did not)."""
     device: str = "auto"
-    eval_batch_size: int = 64
-    log_every: int = 10
-    backend: Literal["auto", "triton", "reference"] = "auto"
+    eval_batch_size: PositiveInt = 64
+    log_every: PositiveInt = 10
+    backend: AttentionBackend = "auto"
     """Attention op backend: Triton on CUDA, the PyTorch reference elsewhere."""
     deepspeed: str | None = None
     """DeepSpeed JSON config; None trains in one process without DeepSpeed."""
-    skip_nonfinite: int = 0
+    skip_nonfinite: NonNegativeInt = 0
     """Optimiser steps with a non-finite loss or gradient that may be skipped (logged) before
     training stops; 0 stops at the first (single process; DeepSpeed always stops)."""
 
@@ -408,107 +439,57 @@ def _set(obj, parts: list[str], value):
 
 # ------------------------------------------------------------------------------ validation
 
-_POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
-_NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
-_POSITIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
-_NON_NEGATIVE = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
-_PROBABILITY = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
-_FRACTION = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
+def choices(path: str) -> tuple[Any, ...]:
+    """The values the `Literal` field at dotted `path` accepts (the CLI's `choices=`):
+    `choices("data.dataset")` -> `('mosi', 'mosei', 'sims')`."""
+    typ = _field_type(field_path(path).split("."), path)
+    if typing.get_origin(typ) is not Literal:
+        raise TypeError(f"{path}: a {typ} field, not a Literal")
+    return typing.get_args(typ)
 
 
-def _one_of(*options):
-    return (lambda v: v in options, f"one of {list(options)}")
+def _type_rule(typ) -> tuple[Callable[[Any], bool], str]:
+    """(predicate, what is expected) of a field's type hint (`Annotated` extras kept)."""
+    if typing.get_origin(typ) is Annotated:
+        base, check = typing.get_args(typ)[:2]
+        is_base = _type_rule(base)[0]
+        return (lambda v: is_base(v) and check.ok(v)), check.expected
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):  # `X | None`, the only unions of the config
+        ok, expected = _type_rule(next(a for a in args if a is not type(None)))
+        return (lambda v: v is None or ok(v)), f"{expected} or none"
+    if origin is Literal:
+        return (lambda v: v in args), f"one of {list(args)}"
+    if typ is bool:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if typ is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
+    if typ is float:
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if typ is str:
+        return (lambda v: isinstance(v, str)), "a string"
+    return (lambda v: True), ""  # tuples: the cross-field rules of `validate_config` check their items
 
 
-FIELD_RULES: dict[str, tuple] = {
-    "model.backbone": (lambda v: isinstance(v, str) and bool(v.strip()), "a backbone name or path"),
-    "model.parity": _one_of(*PARITY_FLAGS),
-    "model.head_hidden": _POSITIVE_INT,
-    "model.text_prefix_no_grad": _BOOL,
-    "model.recompute_lm_blocks": _BOOL,
-    "model.load_in_8bit": _BOOL,
-    "model.load_in_4bit": _BOOL,
-    "model.random_init": _BOOL,
-    "model.av.audio_dim": _POSITIVE_INT,
-    "model.av.vision_dim": _POSITIVE_INT,
-    "model.av.d_model": _POSITIVE_INT,
-    "model.av.n_heads": _POSITIVE_INT,
-    "model.av.n_layers": _POSITIVE_INT,
-    "model.av.ff_mult": _POSITIVE_INT,
-    "model.av.dropout": _PROBABILITY,
-    "model.av.max_len": _POSITIVE_INT,
-    "model.av.p_perm": _FRACTION,
-    "model.fusion.n_tokens": _POSITIVE_INT,
-    "model.fusion.n_heads": _POSITIVE_INT,
-    "model.fusion.gate": _one_of("sigmoid", "tanh"),
-    "model.fusion.dropout": _PROBABILITY,
-    "model.fusion.lora_rank": _NON_NEGATIVE_INT,
-    "model.fusion.lora_alpha": _POSITIVE,
-    "model.fusion.lora_dropout": _PROBABILITY,
-    "model.fusion.xattn_form": _one_of("auto", "plain", "absorbed"),
-    "model.text.max_tokens": _POSITIVE_INT,
-    "model.text.p_perm": _FRACTION,
-    "model.text.p_apply": _FRACTION,
-    "model.loss.w_fusion": _NON_NEGATIVE,
-    "model.loss.w_av": _NON_NEGATIVE,
-    "model.loss.w_text": _NON_NEGATIVE,
-    "model.loss.w_clm": _NON_NEGATIVE,
-    "optim.lr_mm": _POSITIVE,
-    "optim.lr_av": _POSITIVE,
-    "optim.weight_decay_mm": _NON_NEGATIVE,
-    "optim.weight_decay_av": _NON_NEGATIVE,
-    "optim.eps": _POSITIVE,
-    "optim.batch_size": _POSITIVE_INT,
-    "optim.grad_accum": _POSITIVE_INT,
-    "optim.grad_clip": _NON_NEGATIVE,
-    "optim.warmup_epochs": _NON_NEGATIVE,
-    "optim.cosine_epochs": _POSITIVE_INT,
-    "optim.eta_min": _NON_NEGATIVE,
-    "optim.max_epochs": _POSITIVE_INT,
-    "optim.early_stop": _POSITIVE_INT,
-    "optim.key_metric": _one_of("Loss", "MAE"),
-    "pretrain.enabled": _BOOL,
-    "pretrain.lr": _POSITIVE,
-    "pretrain.weight_decay": _NON_NEGATIVE,
-    "pretrain.batch_size": _POSITIVE_INT,
-    "pretrain.grad_accum": _POSITIVE_INT,
-    "pretrain.grad_clip": _NON_NEGATIVE,
-    "pretrain.plateau_patience": _NON_NEGATIVE_INT,
-    "pretrain.early_stop": _POSITIVE_INT,
-    "pretrain.max_epochs": _POSITIVE_INT,
-    "data.dataset": _one_of("mosi", "mosei", "sims"),
-    "data.num_workers": _NON_NEGATIVE_INT,
-    "data.synthetic_seed": _NON_NEGATIVE_INT,
-    "train.precision": _one_of("auto", "fp32", "bf16"),
-    "train.recipe_precision": _one_of("fp32", "bf16"),
-    "train.tf32": _BOOL,
-    "train.eval_batch_size": _POSITIVE_INT,
-    "train.log_every": _POSITIVE_INT,
-    "train.backend": _one_of("auto", "triton", "reference"),
-    "train.skip_nonfinite": _NON_NEGATIVE_INT,
-}
-"""Every checked field: (predicate, what is expected). `validate_config` adds the cross-field rules."""
+def _check_fields(obj, where: str) -> None:
+    """Check every field of a (nested) config dataclass against its type hint."""
+    for name, typ in typing.get_type_hints(type(obj), include_extras=True).items():
+        value, path = getattr(obj, name), f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(typ):
+            _check_fields(value, path)
+            continue
+        ok, expected = _type_rule(typ)
+        if not ok(value):
+            raise ConfigError(f"{path}: expected {expected}, found {value!r}")
 
 
 def validate_config(cfg: RunConfig) -> None:
     """Check every field and cross-field rule of a run's configuration (no files, no backbone:
     those are checked where they are read). Raises ConfigError naming the field, what was
     expected and what was found."""
-    for path, (ok, expected) in FIELD_RULES.items():
-        value = cfg
-        for part in path.split("."):
-            value = getattr(value, part)
-        if not ok(value):
-            raise ConfigError(f"{path}: expected {expected}, found {value!r}")
+    _check_fields(cfg, "")
+    _model_rules(cfg.model, "model.")
     m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
-    if m.av.d_model % m.av.n_heads:
-        raise ConfigError(f"model.av.n_heads: expected a divisor of av.d_model {m.av.d_model}, found {m.av.n_heads}")
-    if m.load_in_8bit and m.load_in_4bit:
-        raise ConfigError("model.load_in_8bit / load_in_4bit: expected at most one, found both")
-    if not (isinstance(m.fusion.mm_layers, tuple) and m.fusion.mm_layers
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in m.fusion.mm_layers)):
-        raise ConfigError(f"model.fusion.mm_layers: expected a non-empty list of block indices, found {m.fusion.mm_layers!r}")
     if not (isinstance(o.betas, tuple) and len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas)):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), found {o.betas!r}")
     if not (isinstance(t.seeds, tuple) and t.seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
@@ -520,11 +501,48 @@ def validate_config(cfg: RunConfig) -> None:
             and all(isinstance(n, int) and n >= 1 for n in d.synthetic_sizes)):
         raise ConfigError(f"data.synthetic_sizes: expected three integers >= 1 (train, valid, test), found "
                           f"{d.synthetic_sizes!r}")
-    if not isinstance(t.output_dir, str) or not t.output_dir.strip():
-        raise ConfigError(f"train.output_dir: expected a directory path, found {t.output_dir!r}")
     if m.parity == "official" and t.deepspeed:
         raise ConfigError(
             "model.parity: DeepSpeed training needs parity 'corrected' (mean accumulation, global-norm clipping), "
             "found 'official', whose sum accumulation and element-wise MM-side clipping DeepSpeed's engine cannot "
             "reproduce; train --parity official without --deepspeed"
         )
+
+
+def validate_model_config(m: ModelConfig) -> None:
+    """`validate_config`'s checks of a model configuration alone (what `apply_deepmlf` is given),
+    its fields named from `ModelConfig` (`fusion.mm_layers`). What depends on the backbone is
+    `model.deepmlf.check_model_config`'s."""
+    _check_fields(m, "")
+    _model_rules(m, "")
+
+
+def _model_rules(m: ModelConfig, where: str) -> None:
+    """Cross-field rules of a model configuration; `where` prefixes the field names."""
+    if m.av.d_model % m.av.n_heads:
+        raise ConfigError(f"{where}av.n_heads: expected a divisor of av.d_model {m.av.d_model}, found {m.av.n_heads}")
+    if m.load_in_8bit and m.load_in_4bit:
+        raise ConfigError(f"{where}load_in_8bit / load_in_4bit: expected at most one, found both")
+    if not (isinstance(m.fusion.mm_layers, tuple) and m.fusion.mm_layers
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in m.fusion.mm_layers)):
+        raise ConfigError(f"{where}fusion.mm_layers: expected a non-empty list of block indices >= 0, found "
+                          f"{m.fusion.mm_layers!r}")
+    if len(set(m.fusion.mm_layers)) != len(m.fusion.mm_layers):
+        raise ConfigError(f"{where}fusion.mm_layers: expected distinct block indices, found duplicate indices in "
+                          f"{list(m.fusion.mm_layers)}")
+
+
+def with_av_widths(cfg: RunConfig, widths: tuple[int, int] | None = None) -> RunConfig:
+    """`cfg` with the AV encoder's input widths (`model.av.audio_dim`, `vision_dim`) set to the
+    data's `widths` (Da, Dv). `widths` None: the widths the data must have (`data.audio_dim` /
+    `vision_dim`, else the dataset's standard ones), for work that reads no data (memory
+    estimates, benchmarks). A width the config already gives must equal the data's: else a
+    ConfigError naming the field, the data's width and the given one."""
+    d = cfg.data
+    widths = widths or dataset_spec(d.dataset).widths(d.audio_dim, d.vision_dim)
+    av = cfg.model.av
+    for name, given, found in zip(("audio_dim", "vision_dim"), (av.audio_dim, av.vision_dim), widths):
+        if given is not None and given != found:
+            raise ConfigError(f"model.av.{name}: expected the data's width {found}, found {given}")
+    av = dataclasses.replace(av, audio_dim=widths[0], vision_dim=widths[1])
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, av=av))

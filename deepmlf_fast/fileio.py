@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -30,20 +29,6 @@ def cache_dir() -> Path:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepmlf_fast"
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-PAUSE_ENV = "DEEPMLF_TEST_PAUSE_AT"
-"""Test hook: `name:marker_path` makes `pause_point(name)` create `marker_path` and sleep, so a
-test can SIGKILL the process at that exact moment (e.g. inside a checkpoint write)."""
-
-
-def pause_point(name: str) -> None:
-    """Block forever at a named moment when the test hook `DEEPMLF_TEST_PAUSE_AT` asks for it."""
-    spec = os.environ.get(PAUSE_ENV, "")
-    if spec.partition(":")[0] == name:
-        Path(spec.partition(":")[2]).write_text(str(os.getpid()))
-        while True:
-            time.sleep(60)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -98,7 +83,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(_old(path), ignore_errors=True)
             os.replace(path, _old(path))
             fsync_path(path.parent)
-            pause_point(f"replace-{path.parent.name}/{path.name}")
             os.replace(tmp, path)
             fsync_path(path.parent)
             shutil.rmtree(_old(path), ignore_errors=True)

@@ -31,18 +31,18 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from deepmlf_fast.config import Resolved, RunConfig
+from deepmlf_fast.config import PrecisionName, Resolved, RunConfig
 from deepmlf_fast.errors import ConfigError, DeepMLFError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
+from deepmlf_fast.ops.dispatch import resolve_backend, triton_available
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES: dict[PrecisionName, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Backbone weight dtype and autocast dtype of each precision."""
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of x86 instructions that compute bf16 products natively."""
 BF16_PROBE_SHAPE = (512, 576, 1536)
@@ -72,18 +72,8 @@ class DeviceFacts:
 class Precision:
     """The resolved precision of a run; `config.json` records it under `resolved`."""
 
-    name: Literal["fp32", "bf16"]
-    requested: str
+    name: PrecisionName
     reason: str
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Backbone weight dtype and autocast dtype."""
-        return DTYPES[self.name]
-
-    @property
-    def autocast(self) -> bool:
-        return self.name == "bf16"
 
 
 def cpu_flags() -> set[str] | None:
@@ -222,23 +212,20 @@ def device_facts(device: torch.device | str) -> DeviceFacts:
 
 def resolve_precision(requested: str, recipe_precision: str, facts: DeviceFacts) -> Precision:
     """The run's precision from the request ('auto', 'fp32', 'bf16'), the recipe's own choice
-    and the device's facts. Warns once when bf16 is forced where it is not native."""
-    if requested not in PRECISIONS:
-        raise ConfigError(f"train.precision: expected one of {list(PRECISIONS)}, found {requested!r}")
-    if recipe_precision not in DTYPES:
-        raise ConfigError(f"train.recipe_precision: expected one of {list(DTYPES)}, found {recipe_precision!r}")
+    and the device's facts (both already valid: `config.validate_config`). Warns once when
+    bf16 is forced where it is not native."""
     if requested == "fp32":
-        return Precision("fp32", requested, "requested")
+        return Precision("fp32", "requested")
     if requested == "bf16":
         if not facts.native_bf16:
             log.warning("precision bf16 on %s: %s, so this run will be much slower than with --precision fp32 "
                         "(or auto)", facts.name, facts.why)
-        return Precision("bf16", requested, "requested" + ("" if facts.native_bf16 else f" ({facts.why})"))
+        return Precision("bf16", "requested" + ("" if facts.native_bf16 else f" ({facts.why})"))
     if recipe_precision == "fp32":
-        return Precision("fp32", requested, "the recipe trains in fp32")
+        return Precision("fp32", "the recipe trains in fp32")
     if facts.native_bf16:
-        return Precision("bf16", requested, f"the recipe trains in bf16 and bf16 is native: {facts.why}")
-    return Precision("fp32", requested, f"the recipe trains in bf16, but bf16 is not native: {facts.why}")
+        return Precision("bf16", f"the recipe trains in bf16 and bf16 is native: {facts.why}")
+    return Precision("fp32", f"the recipe trains in bf16, but bf16 is not native: {facts.why}")
 
 
 def eval_precision(train: Precision, official_bf16_eval: bool, facts: DeviceFacts) -> Precision:
@@ -247,8 +234,8 @@ def eval_precision(train: Precision, official_bf16_eval: bool, facts: DeviceFact
     if not official_bf16_eval or train.name == "bf16":
         return train
     if facts.native_bf16:
-        return Precision("bf16", "official", f"official parity evaluates in bf16: {facts.why}")
-    return Precision("fp32", "official", f"official parity evaluates in bf16, but bf16 is not native: {facts.why}")
+        return Precision("bf16", f"official parity evaluates in bf16: {facts.why}")
+    return Precision("fp32", f"official parity evaluates in bf16, but bf16 is not native: {facts.why}")
 
 
 def set_tf32(enabled: bool) -> None:
@@ -257,16 +244,6 @@ def set_tf32(enabled: bool) -> None:
     mode = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
-
-
-def attention_backend(requested: str, device: torch.device | str) -> str:
-    """The backend the attention ops will use: 'triton' on CUDA when Triton is installed,
-    else 'reference' (PyTorch); an explicit request is kept."""
-    from deepmlf_fast.ops.dispatch import triton_available
-
-    if requested != "auto":
-        return requested
-    return "triton" if torch.device(device).type == "cuda" and triton_available() else "reference"
 
 
 def resolve_device(name: str, field: str = "train.device") -> torch.device:
@@ -295,7 +272,10 @@ def resolve_run(cfg: RunConfig, device: torch.device) -> Resolved:
     if cfg.train.tf32 and device.type != "cuda":
         log.info("--tf32 has no effect on %s", device)
     set_tf32(cfg.train.tf32)
-    backend = attention_backend(cfg.train.backend, device)
+    try:
+        backend = resolve_backend(cfg.train.backend, device)
+    except RuntimeError as exc:  # 'triton' where it cannot run: a user's choice, so one line
+        raise ConfigError(f"train.backend: {exc}") from None
     log.info("device %s (%s) | precision %s: %s | evaluation %s | attention %s%s", device, facts.name,
              precision.name, precision.reason, evaluation.name, backend, " | TF32 on" if cfg.train.tf32 else "")
     return Resolved(
@@ -324,8 +304,6 @@ def _bitsandbytes_backend() -> str:
 
 def environment_report(device: str = "auto", recipe_precision: str = "bf16") -> dict:
     """What a bug report needs and what `auto` will do on this machine (`deepmlf env`)."""
-    from deepmlf_fast.ops.dispatch import triton_available
-
     dev = resolve_device(device, field="--device")
     facts = device_facts(dev)
     auto = resolve_precision("auto", recipe_precision, facts)
@@ -344,7 +322,7 @@ def environment_report(device: str = "auto", recipe_precision: str = "bf16") -> 
                       if triton_available() else "triton is not installed",
         "bitsandbytes_backend": _bitsandbytes_backend(),
         "auto_precision": {"recipe_bf16": auto.name, "reason": auto.reason, "recipe_fp32": "fp32"},
-        "auto_attention_backend": attention_backend("auto", dev),
+        "auto_attention_backend": resolve_backend("auto", dev),
         "tf32_default": "off (--tf32 turns it on for CUDA fp32 runs)",
     }
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepmlf_fast.config import RunConfig
+from deepmlf_fast.config import RunConfig, with_av_widths
 
 GIB = 1024**3
 BUCKET_ELEMENTS = 5e7
@@ -49,10 +49,11 @@ class ParamCounts:
 
 
 def count_parameters(cfg: RunConfig) -> ParamCounts:
-    """Build the backbone and DeepMLF on the meta device and count their parameters."""
+    """Build the backbone and DeepMLF on the meta device and count their parameters (the AV
+    widths the data must have when `cfg` leaves them to the data)."""
     from deepmlf_fast.model.build import build_deepmlf_on_meta
 
-    model = build_deepmlf_on_meta(cfg.model)
+    model = build_deepmlf_on_meta(with_av_widths(cfg).model)
     lm = model.lm
     output = lm.get_output_embeddings()
     linears = [m for m in lm.modules() if m is not output and (type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D")]

@@ -20,7 +20,6 @@ from deepmlf_fast.errors import DataError
 
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "mosi": ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5", "Mult_acc_7", "MAE", "Corr"),
-    "mosei": ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5", "Mult_acc_7", "MAE", "Corr"),
     "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
 }
 
@@ -36,15 +35,20 @@ def msa_metrics(pred: Any, truth: Any, dataset: str) -> dict[str, float]:
     """MMSA metrics of predictions `pred` [N] against labels `truth` [N].
 
     Accepts numpy arrays or torch tensors of shape (N,) or (N, 1). Returns the keys
-    `METRIC_KEYS[dataset]` in that order. Raises `DataError` on mismatched lengths,
+    `metric_keys(dataset)` in that order. Raises `DataError` on mismatched lengths,
     N = 0 or non-finite values.
     """
-    name = dataset_spec(dataset).name
+    scale = dataset_spec(dataset).scale
     p = _as_vector(pred, "pred")
     y = _as_vector(truth, "truth")
     if len(p) != len(y):
         raise DataError(f"pred: expected {len(y)} values like truth, found {len(p)}")
-    return _sims(p, y) if name == "sims" else _mosi(p, y)
+    return _sims(p, y) if scale == "sims" else _mosi(p, y)
+
+
+def metric_keys(dataset: str) -> tuple[str, ...]:
+    """The metric names of a dataset, in MMSA's order (`METRIC_KEYS` of its label scale)."""
+    return METRIC_KEYS[dataset_spec(dataset).scale]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -62,8 +66,8 @@ def _mosi(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
         "Has0_F1_score": weighted_f1(has0_p, has0_y),
         "Non0_acc_2": _accuracy(non0_p, non0_y) if non0.any() else nan,
         "Non0_F1_score": weighted_f1(non0_p, non0_y) if non0.any() else nan,
-        "Mult_acc_5": _accuracy(np.round(np.clip(p, -2.0, 2.0)), np.round(np.clip(y, -2.0, 2.0))),
-        "Mult_acc_7": _accuracy(np.round(np.clip(p, -3.0, 3.0)), np.round(np.clip(y, -3.0, 3.0))),
+        "Mult_acc_5": _accuracy(mosi_classes(p, 5), mosi_classes(y, 5)),
+        "Mult_acc_7": _accuracy(mosi_classes(p, 7), mosi_classes(y, 7)),
         "MAE": float(np.mean(np.abs(p - y))),
         "Corr": _pearson(p, y),
     }
@@ -80,6 +84,14 @@ def _sims(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
         "MAE": float(np.mean(np.abs(p - y))),
         "Corr": _pearson(p, y),
     }
+
+
+def mosi_classes(x: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class index [N] in [0, n_classes) of MOSI/MOSEI scores `x` [N], the classes MMSA counts in
+    Mult_acc_5 (5) and Mult_acc_7 (7): round(clip(x, -b, b)) + b with b = (n_classes - 1) / 2,
+    halves to even (MMSA's `np.round`), computed in x's dtype."""
+    bound = (n_classes - 1) / 2
+    return (np.round(np.clip(x, -bound, bound)) + bound).astype(np.int64)
 
 
 def sims_classes(x: np.ndarray, n_classes: int) -> np.ndarray:

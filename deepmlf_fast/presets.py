@@ -8,6 +8,8 @@ that adapts a recipe to another backbone.
   sized to train end to end on 2 CPU cores in minutes.
 * `--dataset X` alone picks that dataset's released recipe; `--backbone Y` on top keeps the
   recipe and adapts it to Y (`adapt_to_backbone`).
+
+No recipe sets the AV input widths: they are the data's (`config.with_av_widths`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from deepmlf_fast.errors import ConfigError
 
 MOSEI_GPT2: dict[str, Any] = {
     "model.backbone": "gpt2",
-    "model.av.audio_dim": 74, "model.av.vision_dim": 35, "model.av.max_len": 50, "model.av.p_perm": 0.2,
+    "model.av.max_len": 50, "model.av.p_perm": 0.2,
     "model.fusion.n_tokens": 12, "model.fusion.mm_layers": (3, 5, 7, 8, 9, 10, 11),
     "model.text.max_tokens": 50, "model.text.seqaug": True, "model.text.p_perm": 0.2, "model.text.p_apply": 0.30,
     "model.loss.w_fusion": 1.0, "model.loss.w_av": 1.0, "model.loss.w_text": 1.0, "model.loss.w_clm": 1.1,
@@ -42,7 +44,7 @@ MOSEI_GPT2_LARGE: dict[str, Any] = {
 
 SIMS_GPT2_CHINESE: dict[str, Any] = {
     "model.backbone": "gpt2-chinese",
-    "model.av.audio_dim": 33, "model.av.vision_dim": 709, "model.av.max_len": 55, "model.av.p_perm": 0.2,
+    "model.av.max_len": 55, "model.av.p_perm": 0.2,
     "model.av.batch_norm_audio": True, "model.av.batch_norm_vision": True,
     "model.fusion.n_tokens": 20, "model.fusion.mm_layers": (5, 6, 7, 8, 9, 10, 11),
     "model.text.max_tokens": 39, "model.text.seqaug": True, "model.text.p_perm": 0.30, "model.text.p_apply": 0.25,
@@ -55,7 +57,7 @@ SIMS_GPT2_CHINESE: dict[str, Any] = {
 
 MOSI_SMOLLM2: dict[str, Any] = {
     "model.backbone": "smollm2-1.7b",
-    "model.av.audio_dim": 5, "model.av.vision_dim": 20, "model.av.max_len": 50, "model.av.p_perm": 0.3,
+    "model.av.max_len": 50, "model.av.p_perm": 0.3,
     "model.fusion.n_tokens": 8, "model.fusion.mm_layers": (11, 14, 17, 20, 23),
     "model.fusion.lora_rank": 512, "model.fusion.lora_alpha": 8192.0, "model.fusion.lora_dropout": 0.05,
     "model.text.max_tokens": 50, "model.text.seqaug": False,
@@ -96,7 +98,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "demo": DEMO,
 }
 
-DATASET_RECIPE = {"mosi": "mosi-smollm2-1.7b", "mosei": "mosei-gpt2", "sims": "sims-gpt2-chinese"}
+DATASET_RECIPE: dict[str, str] = {table["data.dataset"]: name for name, table in reversed(RECIPES.items())}
+"""A dataset's released recipe: the first of `RECIPES` that trains on it."""
 
 
 def recipe(name: str) -> RunConfig:
@@ -107,8 +110,12 @@ def recipe(name: str) -> RunConfig:
 
 
 def recipe_for_dataset(dataset: str) -> RunConfig:
-    """The released recipe of a dataset ('mosi', 'mosei', 'sims')."""
-    return recipe(DATASET_RECIPE[dataset_spec(dataset).name])
+    """The released recipe of a dataset (a key of `data.specs.DATASETS`)."""
+    name = dataset_spec(dataset).name
+    if name not in DATASET_RECIPE:
+        raise ConfigError(f"data.dataset: expected one with a released recipe ({sorted(DATASET_RECIPE)}) or a --preset, "
+                          f"found {name!r}")
+    return recipe(DATASET_RECIPE[name])
 
 
 def scale_mm_layers(layers: tuple[int, ...], from_layers: int, to_layers: int) -> tuple[int, ...]:

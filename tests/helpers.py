@@ -6,7 +6,18 @@ import functools
 
 import torch
 
-from deepmlf_fast.config import AVEncoderConfig, FusionConfig, LossConfig, ModelConfig, TextConfig
+from deepmlf_fast.config import (
+    AVEncoderConfig,
+    AVPretrainConfig,
+    DataConfig,
+    FusionConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,6 +39,16 @@ def tiny_model_config(backbone: str = "tiny-gpt2", **fusion) -> ModelConfig:
         text=TextConfig(max_tokens=16),
         loss=LossConfig(w_clm=1.0),
     )
+
+
+def tiny_run_config(out_dir, model: ModelConfig | None = None, *, data: DataConfig | None = None,
+                    optim: OptimConfig | None = None, pretrain: AVPretrainConfig | None = None,
+                    **train) -> RunConfig:
+    """A run of `model` (default `tiny_model_config("tiny-llama")`) on MOSI data into `out_dir`,
+    seed 7; `data`, `optim`, `pretrain` replace those sections, `train` sets `TrainConfig` fields."""
+    return RunConfig(model=model or tiny_model_config("tiny-llama"), data=data or DataConfig(dataset="mosi"),
+                     optim=optim or OptimConfig(), pretrain=pretrain or AVPretrainConfig(),
+                     train=TrainConfig(**{"output_dir": str(out_dir), "seeds": (7,), **train}))
 
 
 def make_model(backbone: str = "tiny-gpt2", parity: str = "corrected", seed: int = 0, **fusion):

@@ -103,6 +103,7 @@ TRAIN_CASES = [
     ("config-wrong-type", lambda d, t: ["--config", _write(t, "c.json", json.dumps({"optim": {"eps": "1e-8"}}))],
      ["optim.eps", "> 0", "'1e-8'"]),
     ("synthetic-sizes", lambda d, t: ["--set", "data.synthetic_sizes=0,1,1"], ["data.synthetic_sizes", ">= 1"]),
+    ("av-width-contradicts-data", lambda d, t: ["--set", "av.audio_dim=7"], ["model.av.audio_dim", "width 5", "7"]),
 ]
 
 

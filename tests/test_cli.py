@@ -127,3 +127,31 @@ def test_make_synthetic_and_convert(tmp_path):
 
     data = load_mmsa(npz, "sims")
     assert data.train.audio.shape == (4, 400, 33) and data.train.vision.shape == (4, 55, 709)
+
+
+def test_choices_come_from_the_registries():
+    """--dataset, --backend and a gate kind accept exactly what the registries hold: a new
+    dataset or gate kind is one entry there."""
+    from deepmlf_fast.cli import build_parser
+    from deepmlf_fast.config import RunConfig, apply_overrides, choices, validate_config
+    from deepmlf_fast.data.specs import DATASETS
+    from deepmlf_fast.ops.dispatch import BACKENDS
+    from deepmlf_fast.ops.gate import GATES
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {a.dest: a.choices for a in train._actions}
+    assert tuple(options["dataset"]) == tuple(DATASETS) and tuple(options["backend"]) == BACKENDS
+    assert choices("fusion.gate") == GATES
+    for gate in GATES:
+        validate_config(apply_overrides(RunConfig(), {"fusion.gate": gate, "fusion.mm_layers": (1,)}))
+
+
+
+def test_help_does_not_import_torch():
+    """`deepmlf --help` answers at once: parsing (choices from the config's registries) needs no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom deepmlf_fast.cli import build_parser\nbuild_parser()\n"
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deepmlf_fast.backbones import offline
-from deepmlf_fast.backbones.load import pad_token_id
+from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.errors import BackboneError
 
 REPO = Path(__file__).resolve().parents[1]

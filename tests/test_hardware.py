@@ -13,6 +13,7 @@ from deepmlf_fast import hardware
 from deepmlf_fast.cli import main
 from deepmlf_fast.hardware import (
     BF16_MIN_SPEEDUP,
+    DTYPES,
     DeviceFacts,
     ProbeTimes,
     cpu_fast_bf16,
@@ -82,14 +83,14 @@ def test_the_real_probe_times_both_dtypes():
 @pytest.mark.parametrize("facts, want", [(AVX2_CPU, "fp32"), (V100, "fp32"), (BF16_CPU, "bf16"), (H100, "bf16")])
 def test_auto_uses_bf16_only_where_it_is_native(facts, want):
     p = resolve_precision("auto", "bf16", facts)
-    assert p.name == want and p.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[want]
+    assert p.name == want and DTYPES[p.name] == {"fp32": torch.float32, "bf16": torch.bfloat16}[want]
     assert resolve_precision("auto", "fp32", facts).name == "fp32"  # fp32 recipes stay fp32 everywhere
 
 
 def test_forced_bf16_runs_with_one_warning_where_it_is_slow(caplog):
     with caplog.at_level(logging.WARNING, logger="deepmlf_fast.hardware"):
         p = resolve_precision("bf16", "fp32", AVX2_CPU)
-    assert p.name == "bf16" and p.autocast
+    assert p.name == "bf16"  # what turns autocast on (`train.run.Session`)
     assert len(caplog.records) == 1 and "slower" in caplog.records[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepmlf_fast.hardware"):

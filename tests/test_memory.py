@@ -12,11 +12,11 @@ from deepmlf_fast.cli import main
 from deepmlf_fast.config import OptimConfig, RunConfig
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.memory import count_parameters, estimate_memory
-from helpers import load_tiny, make_batch, tiny_model_config
+from helpers import load_tiny, make_batch, tiny_model_config, tiny_run_config
 
 
 def _tiny_run(**optim) -> RunConfig:
-    return RunConfig(model=tiny_model_config("tiny-llama", dropout=0.0), optim=OptimConfig(**optim))
+    return tiny_run_config("runs/tiny", tiny_model_config("tiny-llama", dropout=0.0), optim=OptimConfig(**optim))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_llama_7b_parameter_lines_equal_a_formula_from_the_architecture():
     mm_block = (2 * d * d + 2 * d * dav + d + 1) + (3 * d * ffn + d + 1)  # cross-attention + gated FFN (norm, gate)
     av = cfg.model.av
     layer = 4 * dav * dav + 4 * dav + 2 * dav * av.ff_mult * dav + av.ff_mult * dav + dav + 4 * dav
-    av_encoder = (av.audio_dim + av.vision_dim) * dav + 2 * av.n_layers * layer + 2 * dav * dav + dav
+    av_encoder = (74 + 35) * dav + 2 * av.n_layers * layer + 2 * dav * dav + dav  # MOSEI's audio, vision widths
     heads = (d + 1) * 2 + (dav + 1) + (2 * d + dav + 1) * 64 + 2 * 64 + 64 + 1
     trained = n_mm * mm_block + 12 * d + av_encoder + 2 * dav + heads
     est = estimate_memory(cfg, zero=2, gpus=1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from deepmlf_fast.config import with_av_widths
 from deepmlf_fast.errors import ConfigError
-from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset, scale_mm_layers
+from deepmlf_fast.presets import RECIPES, adapt_to_backbone, recipe, recipe_for_dataset, scale_mm_layers
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,16 @@ def test_demo_is_the_mosi_recipe_adapted_to_smollm2_135m():
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match="preset: expected one of"):
         recipe("mosi-gpt5")
+
+
+def test_the_av_widths_are_the_datas():
+    """No recipe states the AV input widths: they come from the data (`with_av_widths`; without
+    data, the widths the dataset's files have), and a width a config gives must match them."""
+    assert all(recipe(n).model.av.audio_dim is None and recipe(n).model.av.vision_dim is None for n in RECIPES)
+    av = with_av_widths(recipe("sims-gpt2-chinese")).model.av
+    assert (av.audio_dim, av.vision_dim) == (33, 709)
+    av = with_av_widths(recipe("mosei-gpt2"), (80, 35)).model.av  # a file with other audio features
+    assert (av.audio_dim, av.vision_dim) == (80, 35)
+    with pytest.raises(ConfigError, match=r"^model\.av\.audio_dim: expected the data's width 80, found 74$"):
+        with_av_widths(with_av_widths(recipe("mosei-gpt2")), (80, 35))
+

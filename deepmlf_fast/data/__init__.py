@@ -1,30 +1,25 @@
-"""Data: MMSA files, the synthetic default, tokenization and batching."""
+"""Data: MMSA files, the synthetic default, tokenization and batching.
 
-from deepmlf_fast.data.loader import Batch, EpochSampler, MMSADataset, make_loader
-from deepmlf_fast.data.mmsa import MMSAData, MMSASplit, convert_pickle, from_mmsa_dict, load_mmsa, save_npz
-from deepmlf_fast.data.packing import PackedLayout, pack_padded
-from deepmlf_fast.data.specs import DATASETS, DatasetSpec, dataset_spec
-from deepmlf_fast.data.synthetic import make_synthetic, rotten_tomatoes
-from deepmlf_fast.data.tokenize import TokenizedText, tokenize_texts
+The names below load their module on first use (PEP 562), so `config` can read the dataset
+registry (`data.specs`) without importing torch: `deepmlf --help` stays fast.
+"""
 
-__all__ = [
-    "DATASETS",
-    "Batch",
-    "DatasetSpec",
-    "EpochSampler",
-    "MMSAData",
-    "MMSADataset",
-    "MMSASplit",
-    "PackedLayout",
-    "TokenizedText",
-    "convert_pickle",
-    "dataset_spec",
-    "from_mmsa_dict",
-    "load_mmsa",
-    "make_loader",
-    "make_synthetic",
-    "pack_padded",
-    "rotten_tomatoes",
-    "save_npz",
-    "tokenize_texts",
-]
+import importlib
+
+_HOME = {
+    "Batch": "loader", "EpochSampler": "loader", "MMSADataset": "loader", "make_loader": "loader",
+    "MMSAData": "mmsa", "MMSASplit": "mmsa", "convert_pickle": "mmsa", "from_mmsa_dict": "mmsa",
+    "load_mmsa": "mmsa", "save_npz": "mmsa",
+    "PackedLayout": "packing", "pack_padded": "packing",
+    "DATASETS": "specs", "DatasetSpec": "specs", "dataset_spec": "specs",
+    "make_synthetic": "synthetic", "rotten_tomatoes": "synthetic",
+    "TokenizedText": "tokenize", "tokenize_texts": "tokenize",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'deepmlf_fast.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"deepmlf_fast.data.{_HOME[name]}"), name)

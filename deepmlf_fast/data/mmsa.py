@@ -138,7 +138,7 @@ def from_mmsa_dict(
     arrays are not modified.
     """
     spec = dataset_spec(dataset)
-    dims = (spec.audio_dim if audio_dim is None else audio_dim, spec.vision_dim if vision_dim is None else vision_dim)
+    dims = spec.widths(audio_dim, vision_dim)
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a dict with keys {list(SPLITS)}, found {type(raw).__name__}")
     present = [name for name in SPLITS if name in raw]

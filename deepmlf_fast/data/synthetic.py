@@ -182,7 +182,7 @@ def _cue_direction(dim: int, rng: np.random.Generator) -> np.ndarray:
 
 def _quantize(x: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     """Round to the rating grid and clip to the label range (+0.0 turns -0.0 into 0.0)."""
-    step = 0.2 if spec.name == "sims" else 1 / 3
+    step = 0.2 if spec.scale == "sims" else 1 / 3
     return (np.clip(np.round(x / step) * step, spec.label_min, spec.label_max) + 0.0).astype(np.float32)
 
 
@@ -229,7 +229,7 @@ def _make_split(
         "classification_labels": (np.sign(y) + 1).astype(np.float32),  # deprecated: 0/1/2 = neg/neu/pos
         "regression_labels": y,
     }
-    if spec.name == "sims":
+    if spec.scale == "sims":
         # Unimodal labels (unused by DeepMLF): what each modality alone conveys.
         out["regression_labels_T"] = _quantize(c * s * np.mean(A_RANGE), spec)
         out["regression_labels_A"] = _quantize(c * s * a, spec)

@@ -8,7 +8,10 @@
 
 What `apply_deepmlf` changes on the model it is given (and `revert_deepmlf` undoes):
 * a child module `deepmlf`: the project's own `DeepMLF` built around the model (fusion tokens,
-  MM blocks after the chosen blocks, AV encoder and norm, heads). The DeepMLF keeps the LM as a
+  MM blocks after the chosen blocks, AV encoder and norm, heads);
+* each chosen decoder block wrapped in a `FusionLayer` in the model's layer list (its
+  state-dict keys unchanged), which runs the block and, inside DeepMLF's forward, its MM block;
+  on ordinary calls it is the block. The DeepMLF keeps the LM as a
   plain attribute (`DeepMLF.detach_backbone`), so the module tree has no cycle: the model's
   `state_dict()` is its original keys plus `deepmlf.*`, `.to()` moves both, and DeepSpeed, given
   the DeepMLF, sees only what trains;
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from deepmlf_fast.backbones.arch import MODEL_TYPES, ArchSpec, arch_for, get_path
-from deepmlf_fast.backbones.load import LoadedBackbone, pad_token_id
+from deepmlf_fast.backbones.load import LoadedBackbone
+from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.config import ModelConfig
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.model.build import build_deepmlf
@@ -147,7 +151,7 @@ def revert_deepmlf(model: nn.Module) -> nn.Module:
         raise ValueError(f"revert_deepmlf: this {type(base).__name__} has no DeepMLF applied")
     for hook in applied.hooks:
         hook.remove()
-    del base._modules[ATTR]
+    base._modules.pop(ATTR).unbind_backbone()
     revert_fused_attention(base)
     _restore_requires_grad(base, applied.requires_grad)
     return model

@@ -12,7 +12,7 @@ from deepmlf_fast.ops.cross_attention import gated_cross_attention
 class GatedCrossAttention(nn.Module):
     """`out = x + gate * dropout(W_o · MHA(q = norm(x) W_q^T, k = A W_k^T, v = A W_v^T))`.
 
-    Queries are a few tokens `x (B, F, D)`, or the rows `rows` of a packed `(N, D)` tensor;
+    Queries are a few tokens `x (B, F, D)` (a packed model gathers them: `model.fusion.MMBlock`);
     keys and values come from a narrow sequence `A (B, L, kv_dim)` with optional per-sample
     lengths. Norm, projections, attention, dropout, gate and residual run as one op
     (`ops.cross_attention.gated_cross_attention`): on CUDA two Triton launches, the varlen
@@ -75,15 +75,9 @@ class GatedCrossAttention(nn.Module):
                 target.weight.copy_(source.weight)
         return layer
 
-    def forward(self, x: torch.Tensor, av: torch.Tensor, av_lengths: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x `(B, F, D)` -> `(B, F, D)`; or x packed `(N, D)` with `rows (B*F,)` naming the
-        query rows sample-major (F = len(rows) / B), only those rows change.
-        av `(B, L, kv_dim)`; av_lengths `(B,)` valid steps (0 leaves a sample's x unchanged)."""
-        if rows is not None:
-            dim = x.shape[-1]
-            q = x.index_select(0, rows).view(av.shape[0], -1, dim)
-            return x.index_copy(0, rows, self.forward(q, av, av_lengths).reshape(-1, dim))
+    def forward(self, x: torch.Tensor, av: torch.Tensor, av_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x `(B, F, D)` -> `(B, F, D)`; av `(B, L, kv_dim)`; av_lengths `(B,)` valid steps (0
+        leaves a sample's x unchanged)."""
         p = self.dropout if self.training else 0.0
         return gated_cross_attention(
             x, av.to(x.dtype), self.norm.weight, getattr(self.norm, "bias", None), self.q_proj.weight,

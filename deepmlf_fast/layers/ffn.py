@@ -45,8 +45,6 @@ class GatedFFN(nn.Module):
         copy_norm(layer.norm, norm)
         return layer
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x `(..., D)` -> same shape. With `rows` (x packed `(N, D)`), only those rows change."""
-        if rows is None:
-            return x + self.gate().to(x.dtype) * self.dropout(self.mlp(self.norm(x)))
-        return x.index_copy(0, rows, self.forward(x.index_select(0, rows)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `(..., D)` -> same shape."""
+        return x + self.gate().to(x.dtype) * self.dropout(self.mlp(self.norm(x)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from deepmlf_fast.ops.cross_attention import NORMS
 from deepmlf_fast.ops.gate import GATES, gate_value
 
-NORMS = ("layernorm", "rmsnorm")
 
 
 class Gate(nn.Module):

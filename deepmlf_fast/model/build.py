@@ -23,7 +23,7 @@ def build_deepmlf(
 
     Args:
         cfg: the model configuration.
-        dtype: the frozen backbone's weight dtype (the run's `hardware.Precision.dtype`).
+        dtype: the frozen backbone's weight dtype (`hardware.DTYPES[precision]` of the run).
         device: where the backbone is loaded (the new modules follow it).
         init_seed: seeds the new modules' initialisation, so a model rebuilt from a
             checkpoint's config reproduces every untrained tensor.

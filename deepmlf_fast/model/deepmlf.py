@@ -5,9 +5,10 @@ One packed batch, start to finish (`DeepMLF.forward`):
    and read by every MM block.
 2. Embedding: each sample's real tokens, then its n fusion tokens, packed into `(N, D)` rows
    as the batch's `PackedLayout` places them (built on the host by the loader); no padding.
-3. Backbone: `LMRunner` runs the LM's own decoder blocks on the packed rows, with an MM block
-   after each block listed in `mm_layers` (only fusion rows read A), and the text rows below
-   the first MM block without autograd (exact; see `model/lm_runner.py`).
+3. Backbone: `LMRunner` runs the LM's own decoder blocks on the packed rows; each block listed
+   in `mm_layers` is a `FusionLayer` in the LM's layer list, which runs its MM block after the
+   block (only fusion rows read A). Text rows below the first MM block run without autograd
+   (exact; see `model/lm_runner.py`).
 4. Readout: the heads read the final-norm states of the last real text token, the fusion
    tokens and mean(A). When the causal-LM term is on (training, `w_clm > 0`), the text rows'
    final states and their next-token targets go to `model/losses.py`, which projects them
@@ -20,12 +21,12 @@ import torch
 import torch.nn as nn
 
 from deepmlf_fast.backbones.arch import ArchSpec
-from deepmlf_fast.config import ModelConfig
+from deepmlf_fast.config import ModelConfig, validate_model_config
 from deepmlf_fast.data.packing import PackedLayout
 from deepmlf_fast.errors import CheckpointError, ConfigError
 from deepmlf_fast.layers import FusionTokens, GatedCrossAttention
 from deepmlf_fast.model.av_encoder import AVEncoder, SoftPerm
-from deepmlf_fast.model.fusion import MMBlock, add_lora, ffn_from_block, xattn_scale
+from deepmlf_fast.model.fusion import FusionInputs, FusionLayer, MMBlock, add_lora, ffn_from_block, xattn_scale
 from deepmlf_fast.model.heads import Heads
 from deepmlf_fast.model.lm_runner import LMRunner
 from deepmlf_fast.model.losses import CLMInputs
@@ -46,8 +47,6 @@ class DeepMLF(nn.Module):
 
     def __init__(self, cfg: ModelConfig, lm: nn.Module, spec: ArchSpec, pad_id: int, init_seed: int = 0):
         super().__init__()
-        self._setting_mode = False
-        """True while `train()` runs (an LM holding this model calls back into it)."""
         self.cfg = cfg
         self.spec = spec
         self.pad_id = int(pad_id)
@@ -81,6 +80,7 @@ class DeepMLF(nn.Module):
         self.embed_dropout = nn.Dropout(p_embd)
         self.backend = "auto"
         self.to(device=self.lm.device)
+        self.bind_backbone()
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
@@ -106,10 +106,11 @@ class DeepMLF(nn.Module):
             dict with `pred`, `pred_text`, `pred_av` `(B,)`, `pred_fusion` `(B, n)` and, when
             the CLM term is on, `clm` (`losses.CLMInputs`).
         """
+        self.bind_backbone()
         av, av_len = self.encode_av(audio, vision, audio_lengths, vision_lengths)
         hidden = self.embed(text_ids, layout)
         hidden = self.runner.run(
-            hidden, layout, lambda i, h, rows: self._mm(i, h, rows, av, av_len), self.mm_layers,
+            hidden, layout, FusionInputs(av, av_len, layout.fusion_rows),
             text_grad_free_until=self._text_grad_free_until(), mm_on_text_rows=self.cfg.fusion.ffn_all_rows,
             recompute=self.cfg.recompute_lm_blocks and torch.is_grad_enabled(), backend=self.backend,
         )
@@ -168,13 +169,6 @@ class DeepMLF(nn.Module):
             return -1
         return self.mm_layers[0] if self.cfg.fusion.ffn_all_rows else len(self.runner.layers) - 1
 
-    def _mm(self, i: int, hidden: torch.Tensor, fusion_rows: torch.Tensor, av: torch.Tensor,
-            av_len: torch.Tensor | None) -> torch.Tensor:
-        """MM block i on `hidden (R, D)`, in the block's (fp32 master) dtype."""
-        block = self.mm_blocks[str(i)]
-        dtype = hidden.dtype
-        return block(hidden.to(block.xattn.q_proj.weight.dtype), fusion_rows, av, av_len).to(dtype)
-
     # -- what trains, and how it is saved -----------------------------------------------------
     def detach_backbone(self) -> None:
         """Keep the frozen LM out of this module's tree; forward still runs it.
@@ -189,16 +183,38 @@ class DeepMLF(nn.Module):
             object.__setattr__(self, "lm", lm)
 
     def train(self, mode: bool = True) -> "DeepMLF":
-        if self._setting_mode:  # reached again through an LM that holds this model (apply_deepmlf)
-            return self
-        self._setting_mode = True
-        try:
-            super().train(mode)
-            if "lm" not in self._modules:  # detached: its dropout still follows train/eval
-                self.lm.train(mode)
-        finally:
-            self._setting_mode = False
+        super().train(mode)
+        if "lm" not in self._modules:
+            # Detached, its dropout still follows train/eval. Not `lm.train()`: after
+            # `apply_deepmlf` the LM holds this model, which would be reached again.
+            own = set(self.modules())
+            for module in self.lm.modules():
+                if module not in own:
+                    module.training = mode
         return self
+
+    def bind_backbone(self) -> None:
+        """Make the LM's layer list run this model's MM blocks: block i in `mm_layers` becomes a
+        `FusionLayer` around the LM's block pointing at `mm_blocks[str(i)]`, every other block
+        the LM's own. A backbone shared by several models (a run's seeds, `build_deepmlf` on one
+        `LoadedBackbone`) runs the MM blocks of the model that calls it, so `forward` binds first;
+        when already bound this only checks."""
+        layers = self.runner.layers
+        for i, layer in enumerate(layers):
+            inner = layer.layer if isinstance(layer, FusionLayer) else layer
+            block = self.mm_blocks[str(i)] if str(i) in self.mm_blocks else None
+            if block is None:
+                if inner is not layer:
+                    layers[i] = inner
+            elif not (isinstance(layer, FusionLayer) and layer.mm is block):
+                layers[i] = FusionLayer(inner, block, f"mm_blocks.{i}")
+
+    def unbind_backbone(self) -> None:
+        """Give the LM back its own blocks (no `FusionLayer` left); `forward` binds again."""
+        layers = self.runner.layers
+        for i, layer in enumerate(layers):
+            if isinstance(layer, FusionLayer):
+                layers[i] = layer.layer
 
     def set_backend(self, backend: str) -> None:
         """Choose the attention ops' backend: 'auto', 'triton' or 'reference'."""
@@ -265,31 +281,23 @@ def time_mean(av: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
 
 
 def check_model_config(cfg: ModelConfig, lm_config) -> None:
-    """Validate a model configuration against a backbone's config (dimensions only; no weights).
-
-    Raises ConfigError naming the field, what was expected and what was found: MM layers in
-    range and distinct, at least one fusion token, fusion positions inside the backbone's
-    position table, MM heads dividing the width, LoRA rank in range."""
+    """Validate a model configuration (`config.validate_model_config`) and what depends on the
+    backbone's config (dimensions only; no weights): MM layers inside its blocks, text and
+    fusion positions inside its position table, MM heads dividing its width, LoRA rank at most
+    its width. Raises ConfigError naming the field, what was expected and what was found."""
+    validate_model_config(cfg)
     n_layers, dim = lm_config.num_hidden_layers, lm_config.hidden_size
     f = cfg.fusion
-    if not f.mm_layers:
-        raise ConfigError("fusion.mm_layers: at least one MM block is needed, found none")
-    bad = [i for i in f.mm_layers if not 0 <= i < n_layers]
+    bad = [i for i in f.mm_layers if i >= n_layers]
     if bad:
         raise ConfigError(f"fusion.mm_layers: indices must be in [0, {n_layers - 1}] for this backbone, found {bad}")
-    if len(set(f.mm_layers)) != len(f.mm_layers):
-        raise ConfigError(f"fusion.mm_layers: duplicate indices in {list(f.mm_layers)}")
-    if f.n_tokens < 1:
-        raise ConfigError(f"fusion.n_tokens: must be >= 1, found {f.n_tokens}")
-    if cfg.text.max_tokens < 1:
-        raise ConfigError(f"text.max_tokens: must be >= 1, found {cfg.text.max_tokens}")
     positions = getattr(lm_config, "max_position_embeddings", None) or getattr(lm_config, "n_positions", None)
     if positions is not None and cfg.text.max_tokens + f.n_tokens > positions:
         raise ConfigError(
             f"fusion.n_tokens: text.max_tokens ({cfg.text.max_tokens}) + fusion tokens ({f.n_tokens}) must fit the "
             f"backbone's {positions} positions, found {cfg.text.max_tokens + f.n_tokens}"
         )
-    if f.n_heads < 1 or dim % f.n_heads:
+    if dim % f.n_heads:
         raise ConfigError(f"fusion.n_heads: expected a divisor of the backbone width {dim}, found {f.n_heads}")
-    if f.lora_rank < 0 or f.lora_rank > dim:
+    if f.lora_rank > dim:
         raise ConfigError(f"fusion.lora_rank: expected 0 (no LoRA) to {dim} (the width), found {f.lora_rank}")

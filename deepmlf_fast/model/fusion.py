@@ -1,17 +1,19 @@
-"""MM blocks (reference §1.7): gated cross-attention from the fusion tokens to the AV
-sequence, then a gated FFN initialised from the wrapped LM block's FFN.
+"""Where fusion happens: MM blocks (reference §1.7) and the wrapper that runs one after the LM
+block it follows.
 
     H_f <- H_f + gate(a1) * XAttn(norm1(H_f), A)            (fusion rows only)
     H   <- H   + gate(a2) * FFN(norm2(H))                   (all rows if ffn_all_rows, else fusion rows)
 
-Hidden states arrive packed `(N, D)` (see `data/packing.py`); `fusion_rows` names the
-rows of the fusion tokens, sample-major, so `H[fusion_rows].view(B, n, D)` are they.
-The two halves are the public layers `GatedCrossAttention` and `GatedFFN`.
+Hidden states arrive packed `(N, D)` (see `data/packing.py`); `FusionInputs.rows` names the
+rows of the fusion tokens, sample-major, so `H[rows].view(B, n, D)` are they. The two halves
+are the public layers `GatedCrossAttention` and `GatedFFN`; `FusionLayer` replaces LM block i
+in the LM's own layer list, so the module tree shows where each MM block runs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -91,6 +93,20 @@ def add_lora(ffn: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Modu
     return ffn
 
 
+@dataclass(frozen=True)
+class FusionInputs:
+    """What the MM blocks of one pass read: `av (B, L_av, d_av)` after its norm, `av_lengths (B,)`
+    valid steps or None, and `rows (B*n,)`, the fusion rows of this pass's packed hidden states."""
+
+    av: torch.Tensor
+    av_lengths: torch.Tensor | None
+    rows: torch.Tensor
+
+    def at(self, rows: torch.Tensor) -> "FusionInputs":
+        """The same AV sequence for a pass whose fusion tokens sit on other rows."""
+        return FusionInputs(self.av, self.av_lengths, rows)
+
+
 class MMBlock(nn.Module):
     """One MM block: gated cross-attention (fusion rows -> A), then a gated FFN.
 
@@ -113,9 +129,77 @@ class MMBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, fusion_rows: torch.Tensor, av: torch.Tensor,
                 av_lengths: torch.Tensor | None) -> torch.Tensor:
         """hidden `(N, D)` packed -> `(N, D)`; only the fusion rows (`fusion_rows`, sample-major)
-        read A `(B, L_av, d_av)`."""
-        hidden = self.xattn(hidden, av, av_lengths, rows=fusion_rows)
-        return self.ffn(hidden, rows=None if self.ffn_all_rows else fusion_rows)
+        read A `(B, L_av, d_av)`. The fusion rows are gathered once and written back once."""
+        dim = hidden.shape[-1]
+        fusion = self.xattn(hidden.index_select(0, fusion_rows).view(av.shape[0], -1, dim), av, av_lengths)
+        fusion = fusion.reshape(-1, dim)  # (B*n, D)
+        if self.ffn_all_rows:
+            return self.ffn(hidden.index_copy(0, fusion_rows, fusion))
+        return hidden.index_copy(0, fusion_rows, self.ffn(fusion))
+
+
+class FusionLayer(nn.Module):
+    """LM decoder block `layer` followed by its MM block, in the LM's own layer list.
+
+    Called without `fusion` (the LM's own forward, the text rows' no-grad pass) it is `layer`.
+    With `fusion`, the MM block runs on the block's output, in the MM block's (fp32 master)
+    dtype. State-dict keys are the wrapped block's own (`layers.i.*`, no `layer.` level), so the
+    LM saves and loads as before. The MM block is owned by `DeepMLF.mm_blocks` (its checkpoint
+    keys, what ZeRO partitions, what the optimizer sees) and only referenced here; `extra_repr`
+    names it, so printing the model shows where it runs.
+    """
+
+    def __init__(self, layer: nn.Module, mm: MMBlock, name: str):
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "mm", mm)  # a reference: DeepMLF owns it (see above)
+        self.mm_name = name
+        self.register_state_dict_post_hook(_drop_layer_prefix)
+        self.register_load_state_dict_pre_hook(_add_layer_prefix)
+
+    def forward(self, hidden_states: torch.Tensor, *args, fusion: FusionInputs | None = None, **kwargs):
+        """`layer(hidden_states (1, N, D), ...)`, then, with `fusion`, the MM block on its output;
+        returns what `layer` returns (a tensor or a tuple whose first item is the states)."""
+        out = self.layer(hidden_states, *args, **kwargs)
+        if fusion is None:
+            return out
+        if isinstance(out, tuple):
+            return (self.fuse(out[0][0], fusion)[None], *out[1:])
+        return self.fuse(out[0], fusion)[None]
+
+    def fuse(self, hidden: torch.Tensor, fusion: FusionInputs) -> torch.Tensor:
+        """The MM block alone on packed `hidden (N, D)` -> `(N, D)` in hidden's dtype."""
+        weight_dtype = self.mm.xattn.q_proj.weight.dtype
+        return self.mm(hidden.to(weight_dtype), fusion.rows, fusion.av, fusion.av_lengths).to(hidden.dtype)
+
+    def __getattr__(self, name: str):
+        # HF models read attributes of their decoder layers (`attention_type`, ...): the wrapped one's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None:  # half-built (unpickling): no wrapped block to ask yet
+                raise
+            return getattr(layer, name)
+
+    def extra_repr(self) -> str:
+        return f"mm={self.mm_name}"
+
+
+def _drop_layer_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """`prefix.layer.k` -> `prefix.k`, keeping the keys' order."""
+    inner = prefix + "layer."
+    if not any(k.startswith(inner) for k in state_dict):
+        return
+    items = [(prefix + k[len(inner):] if k.startswith(inner) else k, v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+
+
+def _add_layer_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`prefix.k` -> `prefix.layer.k` before a load (the inverse of `_drop_layer_prefix`)."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "layer.")]:
+        state_dict[prefix + "layer." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def xattn_scale(dim: int, n_heads: int, flags: ParityFlags) -> float:

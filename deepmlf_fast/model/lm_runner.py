@@ -1,9 +1,11 @@
-"""How the frozen LM runs on a packed batch: its embeddings, positions, decoder blocks (with
-DeepMLF's MM blocks after the listed ones), the no-grad text prefix, recomputation, final norm.
+"""How the frozen LM runs on a packed batch: its embeddings, positions, decoder blocks (each
+`model.fusion.FusionLayer` among them runs its MM block), the no-grad text prefix,
+recomputation, final norm.
 
 Every decoder block is the LM's own Hugging Face module, called on all packed rows as one
 "sequence" of batch 1; its attention (`attn_implementation="deepmlf"`) reads the layout from
-a `VarlenContext`, so no padding row exists anywhere.
+a `VarlenContext`, so no padding row exists anywhere. A `FusionLayer` also gets the pass's
+`FusionInputs` (the AV sequence and where the fusion rows are).
 
 The no-grad text prefix. No trained parameter can influence a text row before the first MM
 block whose FFN acts on text rows, so when gradients are needed the runner splits there:
@@ -19,18 +21,14 @@ activations, of the text rows in the lower blocks.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from deepmlf_fast.backbones.arch import ArchSpec, get_path
 from deepmlf_fast.data.packing import PackedLayout
+from deepmlf_fast.model.fusion import FusionInputs, FusionLayer
 from deepmlf_fast.ops.hf_attention import VarlenContext
-
-MMFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-"""`(layer index, hidden (R, D), fusion rows (B*n,) of hidden) -> hidden`: the MM block after a layer."""
 
 
 class TextPrefix:
@@ -86,16 +84,15 @@ class LMRunner:
         self,
         hidden: torch.Tensor,
         layout: PackedLayout,
-        mm: MMFn,
-        mm_layers: tuple[int, ...],
+        fusion: FusionInputs,
         *,
         text_grad_free_until: int,
         mm_on_text_rows: bool,
         recompute: bool,
         backend: str,
     ) -> torch.Tensor:
-        """Run every decoder block on packed `hidden (N, D)`, `mm(i, ...)` after each block i in
-        `mm_layers`; -> `(N, D)` before the final norm.
+        """Run every decoder block on packed `hidden (N, D)` (the fusion layers' MM blocks read
+        `fusion`, whose rows are `layout.fusion_rows`); -> `(N, D)` before the final norm.
 
         Args:
             text_grad_free_until: run text rows through blocks 0..k without autograd (the
@@ -106,48 +103,48 @@ class LMRunner:
             recompute: activation checkpointing of the blocks that run with autograd.
             backend: attention backend ("auto", "triton", "reference").
         """
-        mm_set = set(mm_layers)
         start = 0
         k = text_grad_free_until
         if k >= 0:
-            hidden = self._run_split(hidden, layout, mm, mm_set, k, mm_on_text_rows, backend)
-            if mm_on_text_rows and k in mm_set:
-                hidden = mm(k, hidden, layout.fusion_rows)
+            hidden = self._run_split(hidden, layout, fusion, k, mm_on_text_rows, backend)
+            if mm_on_text_rows and isinstance(self.layers[k], FusionLayer):
+                hidden = self.layers[k].fuse(hidden, fusion)
             start = k + 1
         ctx = VarlenContext(layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen, backend)
         kwargs = self._kwargs(hidden, layout.position_ids, ctx)
         for i in range(start, len(self.layers)):
             if recompute:
-                hidden = checkpoint(self._layer, i, hidden, kwargs, use_reentrant=False)
+                # Only the frozen block is recomputed; an MM block (small, trained) keeps its activations.
+                hidden = checkpoint(self._layer, i, hidden, kwargs, None, use_reentrant=False)
+                if isinstance(self.layers[i], FusionLayer):
+                    hidden = self.layers[i].fuse(hidden, fusion)
             else:
-                hidden = self._layer(i, hidden, kwargs)
-            if i in mm_set:
-                hidden = mm(i, hidden, layout.fusion_rows)
+                hidden = self._layer(i, hidden, kwargs, fusion)
         return hidden
 
-    def _run_split(self, hidden, layout: PackedLayout, mm: MMFn, mm_set: set[int], k: int,
-                   mm_on_text_rows: bool, backend: str) -> torch.Tensor:
-        """Blocks 0..k: text rows without autograd, fusion rows with it; -> merged `(N, D)`."""
+    def _run_split(self, hidden, layout: PackedLayout, fusion: FusionInputs, k: int, mm_on_text_rows: bool,
+                   backend: str) -> torch.Tensor:
+        """Blocks 0..k: text rows without autograd (no MM block), fusion rows with it; -> merged `(N, D)`."""
         prefix = TextPrefix(layout)
         text = hidden.index_select(0, layout.text_rows)
-        fusion = hidden.index_select(0, layout.fusion_rows)
+        fused = hidden.index_select(0, layout.fusion_rows)
         with torch.no_grad():
             ctx = VarlenContext(layout.cu_seqlens_text, layout.cu_seqlens_text, layout.max_seqlen_text,
                                 layout.max_seqlen_text, backend, kv_hook=prefix.record)
             kwargs = self._kwargs(text, layout.text_position_ids, ctx)
             text = text.detach()
             for i in range(k + 1):
-                text = self._layer(i, text, kwargs)
+                text = self._layer(i, text, kwargs, None)
         ctx = VarlenContext(layout.cu_seqlens_fusion, layout.cu_seqlens, layout.n_fusion, layout.max_seqlen,
                             backend, kv_hook=prefix.merge)
-        kwargs = self._kwargs(fusion, layout.fusion_position_ids, ctx)
-        local_rows = torch.arange(fusion.shape[0], device=fusion.device)
+        kwargs = self._kwargs(fused, layout.fusion_position_ids, ctx)
+        # Here the fusion rows are all the rows; with the MM FFN on text rows too, block k's MM
+        # waits for the merge (the caller applies it).
+        local = None if mm_on_text_rows else fusion.at(torch.arange(fused.shape[0], device=fused.device))
         for i in range(k + 1):
-            fusion = self._layer(i, fusion, kwargs)
-            if i in mm_set and not mm_on_text_rows:
-                fusion = mm(i, fusion, local_rows)
-        merged = fusion.new_empty(layout.n_rows, fusion.shape[1])
-        return merged.index_copy(0, layout.text_rows, text.to(fusion.dtype)).index_copy(0, layout.fusion_rows, fusion)
+            fused = self._layer(i, fused, kwargs, local)
+        merged = fused.new_empty(layout.n_rows, fused.shape[1])
+        return merged.index_copy(0, layout.text_rows, text.to(fused.dtype)).index_copy(0, layout.fusion_rows, fused)
 
     def _kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor, ctx: VarlenContext) -> dict:
         """Per-pass keyword arguments of the decoder blocks: the varlen context and, for
@@ -158,6 +155,11 @@ class LMRunner:
             kwargs.update(position_embeddings=self.rotary(hidden[None], pos), position_ids=pos)
         return kwargs
 
-    def _layer(self, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        out = self.layers[i](hidden[None], attention_mask=None, **kwargs)
+    def _layer(self, i: int, hidden: torch.Tensor, kwargs: dict, fusion: FusionInputs | None) -> torch.Tensor:
+        """Block i on packed `hidden (R, D)` -> `(R, D)`; a fusion layer also runs its MM block
+        when `fusion` is given."""
+        layer = self.layers[i]
+        if fusion is not None and isinstance(layer, FusionLayer):
+            kwargs = {**kwargs, "fusion": fusion}
+        out = layer(hidden[None], attention_mask=None, **kwargs)
         return (out[0] if isinstance(out, tuple) else out)[0]

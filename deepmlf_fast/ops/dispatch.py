@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # `config` reads BACKENDS: importing this module must not import torch (`deepmlf --help`)
+    import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -27,25 +29,31 @@ def triton_interpreted() -> bool:
 def kernel_dtype(t: torch.Tensor, default: torch.dtype) -> torch.dtype:
     """The dtype a Triton op runs its products in for an input on `t`'s device: autocast's when
     it is on there (custom ops are not autocast, so they cast themselves), else `default`."""
+    import torch
+
     dev = t.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else default
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Map 'auto' | 'triton' | 'reference' to the backend that will run for `tensor`.
+def resolve_backend(backend: str, where: torch.Tensor | torch.device | str) -> str:
+    """Map 'auto' | 'triton' | 'reference' to the backend that will run for tensors on `where`
+    (a tensor, or a device: what a run records before it has tensors).
 
     'auto' picks Triton for CUDA tensors when Triton is installed, else the reference.
     'triton' on CPU tensors is only valid under `TRITON_INTERPRET=1` (tests).
     """
+    import torch
+
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, found {backend!r}")
     if backend == "reference":
         return "reference"
+    is_cuda = where.is_cuda if isinstance(where, torch.Tensor) else torch.device(where).type == "cuda"
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "reference"
+        return "triton" if is_cuda and triton_available() else "reference"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package (pip install deepmlf-fast[triton])")
-    if not tensor.is_cuda and not triton_interpreted():
+    if not is_cuda and not triton_interpreted():
         raise RuntimeError(
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before deepmlf_kernels "
             "is imported; use backend='reference' or 'auto' on CPU"

@@ -1,15 +1,15 @@
-"""Experiment reports, TensorBoard, sweeps and the sentiment classes of predictions.
+"""Experiment reports of finished runs and sweeps, and the sentiment classes of predictions.
 
     classes.py      7-class (MOSI, MOSEI) / 5-class (SIMS) sentiment classes, as MMSA rounds them
     attention.py    the fusion tokens' cross-attention probabilities, from a trained model
     plots.py        the figures (matplotlib, headless)
     document.py     one document rendered as Markdown and self-contained HTML
     writer.py       `deepmlf report`: report.md / report.html of finished runs
-    tensorboard.py  a training `Recorder` writing TensorBoard scalars
-    sweep.py        `deepmlf sweep`: a grid of configurations x seeds, summary and ablation plots
+    sweep.py        `deepmlf sweep`'s summary and ablation plots (the driver is `train/sweep.py`)
 
-matplotlib and tensorboard are optional (`pip install 'deepmlf-fast[report]'`, installed by
-`scripts/install.sh`); importing this package needs neither.
+matplotlib is optional (`pip install 'deepmlf-fast[report]'`, installed by `scripts/install.sh`);
+importing this package does not need it. The TensorBoard scalars written during training are
+`train/tensorboard.py`'s.
 """
 
 from __future__ import annotations

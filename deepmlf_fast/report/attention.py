@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from deepmlf_fast.layers import GatedCrossAttention
-from deepmlf_fast.ops.projections import normalize
+from deepmlf_fast.ops.cross_attention import normalize
 
 
 @contextlib.contextmanager

@@ -68,10 +68,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
                               f"`deepmlf train --output-dir {rd.root}`)")
     results = read_json(rd.results, "run results", CheckpointError)
     timing = read_json(rd.timing, "run timing", CheckpointError) if rd.timing.is_file() else {}
-    histories = {}
-    for seed in results["seeds"]:
-        state = rd.last(seed) / "state.json"
-        histories[str(seed)] = read_json(state, "resume state", CheckpointError)["history"] if state.is_file() else []
+    histories = {str(seed): rd.read_history(seed) for seed in results["seeds"]}
     return RunFiles(rd.root, read_json(rd.config, "run configuration", CheckpointError), cfg, results, timing.get("seconds"),
                     histories)
 

@@ -1,9 +1,9 @@
 """Checkpoints: trained weights in safetensors, resume points next to them, all atomic and durable.
 
-A resume point is a directory (`seed_<s>/last/`, or `seed_<s>/stage1/` during stage 1) holding
-`model.safetensors`, `optimizer.pt` (engine state and every RNG) and `state.json` (where the stage
-stands), replaced as a whole by `fileio.atomic_dir`; `open_resume_point` repairs what a kill in
-the middle of a replacement left. Every damaged file raises a `CheckpointError` that names it.
+A resume point is a directory (where, `train.rundir.RunDir` says) holding `model.safetensors`,
+`optimizer.pt` (engine state and every RNG) and `state.json` (where the stage stands, a
+`TrainState`), replaced as a whole by `fileio.atomic_dir`; `open_resume_point` repairs what a kill
+in the middle of a replacement left. Every damaged file raises a `CheckpointError` that names it.
 """
 
 from __future__ import annotations
@@ -68,22 +68,16 @@ def is_new_best(value: float, best: float, has_best: bool) -> bool:
 
 @dataclass
 class TrainState:
-    """Where a stage-2 run stands after an epoch."""
+    """Where a training stage stands after an epoch."""
 
     epoch: int = 0
     """Epochs completed."""
     best_metric: float = float("inf")
+    """The best epoch's validation key metric (+inf while no epoch had a finite one)."""
     best_epoch: int = -1
+    """0-based; -1 before the first epoch."""
     history: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class Stage1State:
-    """Where stage 1 (the AV encoder) stands after an epoch."""
-
-    epoch: int = 0
-    best: float = float("inf")
-    best_epoch: int = -1
+    """One entry per completed epoch (`train.loop.fit`)."""
 
 
 def rng_state() -> dict:
@@ -108,7 +102,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), py_gauss))
 
 
-def save_resume(folder: str | Path, model_state: dict, engine_state: dict, state) -> None:
+def save_resume(folder: str | Path, model_state: dict, engine_state: dict, state: TrainState) -> None:
     """Write a complete resume point into `folder` (weights, engine state, RNG, `state` as
     JSON), replacing the previous one atomically and durably."""
     with atomic_dir(folder) as tmp:
@@ -125,8 +119,19 @@ def open_resume_point(folder: str | Path) -> tuple[bool, str | None]:
     return folder.is_dir(), repaired
 
 
-def load_resume(folder: str | Path, state_cls=TrainState) -> tuple[dict, dict, dict, object]:
-    """-> (model state, engine state, rng state, `state_cls` instance) of a resume point."""
+def read_state(folder: str | Path) -> TrainState:
+    """The `TrainState` of a resume point; CheckpointError naming `state.json` when it is missing
+    or damaged."""
+    path = Path(folder) / "state.json"
+    raw = read_json(path, "resume state", CheckpointError)
+    try:
+        return TrainState(**raw)
+    except TypeError as e:
+        raise CheckpointError(f"resume state {str(path)!r} is damaged: {e}") from None
+
+
+def load_resume(folder: str | Path) -> tuple[dict, dict, dict, TrainState]:
+    """-> (model state, engine state, rng state, `TrainState`) of a resume point."""
     folder = Path(folder)
     for name in ("model.safetensors", "optimizer.pt", "state.json"):
         if not (folder / name).is_file():
@@ -135,9 +140,4 @@ def load_resume(folder: str | Path, state_cls=TrainState) -> tuple[dict, dict, d
     if not isinstance(extra, dict) or not {"engine", "rng"} <= set(extra):
         raise CheckpointError(f"optimizer state {str(folder / 'optimizer.pt')!r} is damaged: expected engine and rng "
                               f"entries, found {sorted(extra) if isinstance(extra, dict) else type(extra).__name__}")
-    raw = read_json(folder / "state.json", "resume state", CheckpointError)
-    try:
-        state = state_cls(**raw)
-    except TypeError as e:
-        raise CheckpointError(f"resume state {str(folder / 'state.json')!r} is damaged: {e}") from None
-    return load_weights(folder / "model.safetensors"), extra["engine"], extra["rng"], state
+    return load_weights(folder / "model.safetensors"), extra["engine"], extra["rng"], read_state(folder)

@@ -69,10 +69,11 @@ class DeepSpeedEngine:
         self._boundary = False
         self._tags: list[str] = []
 
-    # -- the loop interface -----------------------------------------------------------------
     def steps_per_epoch(self, n_batches: int) -> int:
+        """Optimiser steps an epoch of `n_batches` micro-batches makes (sizes the LR schedule)."""
         return math.ceil(n_batches / self.accum)
 
+    # -- the loop interface -----------------------------------------------------------------
     def wrap(self, model) -> torch.nn.Module:
         """DeepSpeed's engine: forward passes must go through it (ZeRO's backward hooks)."""
         return self.ds

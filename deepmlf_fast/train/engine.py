@@ -1,11 +1,12 @@
 """Optimisation engines: what happens between `loss` and the next optimiser step.
 
-`Engine` is the interface the training loops of both stages use; `make_engine` is the one
-factory. `PlainEngine` runs in one process; `deepmlf_fast.train.deepspeed_engine.DeepSpeedEngine`
+`Engine` is the interface the training loop (`loop.fit`, both stages) uses; `make_engine` is
+the one factory. `PlainEngine` runs in one process; `deepmlf_fast.train.deepspeed_engine.DeepSpeedEngine`
 offers the same interface on top of a DeepSpeed engine (stage 2 with `train.deepspeed`).
-The loops only call `backward`, `maybe_step`, `end_epoch`, `steps_per_epoch`,
-`state_dict`/`load_state_dict`, `wrap` (the module to run forward passes through) and
-`model_state`/`load_model_state` (the trained weights, which DeepSpeed may hold partitioned).
+The loop only calls `backward`, `maybe_step`, `end_epoch`, `lr`, `state_dict`/`load_state_dict`,
+`wrap` (the module to run forward passes through) and `model_state`/`load_model_state` (the
+trained weights, which DeepSpeed may hold partitioned). How many optimiser steps an epoch makes
+(`steps_per_epoch`) sizes the stage-2 LR schedule when the engine is made.
 
 Accumulation and clipping follow the parity flags:
 * corrected: the loss of each micro-batch is divided by the accumulation count (the
@@ -81,9 +82,8 @@ class NonFiniteGuard:
 
 
 class Engine(Protocol):
-    """What the training loops need from an optimisation engine."""
+    """What the training loop needs from an optimisation engine."""
 
-    def steps_per_epoch(self, n_batches: int) -> int: ...
     def backward(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> None: ...
     def maybe_step(self) -> bool: ...
     def end_epoch(self) -> bool: ...

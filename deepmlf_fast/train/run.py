@@ -6,7 +6,7 @@
     -> DIR/results.json (test metrics averaged over seeds, with std and per-seed details)
 
 Each seed's stage-2 progress also goes to TensorBoard (`DIR/tb/seed_<s>/`) when the optional
-`tensorboard` package is installed (`report/tensorboard.py`).
+`tensorboard` package is installed (`train/tensorboard.py`).
 
 A run directory can be resumed: finished seeds are skipped, an interrupted seed restarts
 from its last completed epoch (`train/rundir.py` has the layout and the policy).
@@ -22,31 +22,32 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from deepmlf_fast.backbones.load import LoadedBackbone, backbone_config, load_backbone
-from deepmlf_fast.config import RunConfig, validate_config
+from deepmlf_fast.config import RunConfig, validate_config, with_av_widths
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
 from deepmlf_fast.data.mmsa import MMSASplit
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
 from deepmlf_fast.hardware import DTYPES, resolve_device, resolve_run
-from deepmlf_fast.metrics import METRIC_KEYS, format_metrics
+from deepmlf_fast.metrics import format_metrics, metric_keys
 from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF, check_model_config
 from deepmlf_fast.model.losses import deepmlf_loss
-from deepmlf_fast.report.tensorboard import tensorboard_recorder
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.engine import make_engine
 from deepmlf_fast.train.evaluate import evaluate, predict
-from deepmlf_fast.train.loop import fit
+from deepmlf_fast.train.loop import DeepMLFStage, OnBatch, fit
 from deepmlf_fast.train.rundir import RunDir
 from deepmlf_fast.train.stage1 import pretrain_av
 from deepmlf_fast.train.step import StepContext
+from deepmlf_fast.train.tensorboard import tensorboard_recorder
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -78,35 +79,20 @@ def load_run_data(cfg: RunConfig, require_labels: bool = True) -> MMSAData:
     return load_mmsa(path, cfg.data.dataset, cfg.data.audio_dim, cfg.data.vision_dim, require_labels)
 
 
-def with_data_dims(cfg: RunConfig, data: MMSAData) -> RunConfig:
-    """Set the AV encoder's input widths from the (validated) data."""
-    da, dv = data.feature_dims
-    av = dataclasses.replace(cfg.model.av, audio_dim=da, vision_dim=dv)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, av=av))
-
-
-def check_data_matches_model(cfg: RunConfig, data: MMSAData) -> None:
-    """A saved model only reads data with the feature widths it was trained on."""
-    da, dv = data.feature_dims
-    for name, want, found in (("audio", cfg.model.av.audio_dim, da), ("vision", cfg.model.av.vision_dim, dv)):
-        if want != found:
-            raise DataError(
-                f"{data.source}: {name} feature width {found} does not match the model, which was trained with {want}"
-            )
-
-
 class Session:
     """Everything loaded once per run and shared by its seeds: the hardware decisions, data,
     tokens, backbone, and how batches are run (`train_ctx`, `eval_ctx`).
 
     With `model` (an already built DeepMLF, e.g. `apply_deepmlf`'s) and its `tokenizer`, the
     session trains that model: its backbone and configuration replace `cfg.model`'s (see
-    `with_model`), and the data must have the feature widths its AV encoder was built for."""
+    `with_model`), and the data must have the feature widths its AV encoder was built for.
+    `on_batch`: callbacks every training micro-batch of both stages reaches (`loop.OnBatch`)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, data: MMSAData | None = None,
-                 model: DeepMLF | None = None, tokenizer=None):
+                 model: DeepMLF | None = None, tokenizer=None, on_batch: Sequence[OnBatch] = ()):
         self.device = device
         self.model = model
+        self.on_batch = tuple(on_batch)
         cfg = dataclasses.replace(cfg, resolved=resolve_run(cfg, device))
         self.data = data if data is not None else load_run_data(cfg)
         # A file of unlabelled samples stands in for every split: count and tokenise it once.
@@ -116,8 +102,10 @@ class Session:
         zeroed = sum(s.zeroed_neg_inf for _, s in distinct.values())
         if zeroed:
             log.info("%s: %d -inf feature values replaced by 0, as MMSA's loaders do", self.data.source, zeroed)
+        # The AV widths are the data's; a saved or given model's must equal them.
+        cfg = with_av_widths(cfg, self.data.feature_dims)
         if model is None:
-            self.cfg = with_data_dims(cfg, self.data)
+            self.cfg = cfg
             r, m = self.cfg.resolved, self.cfg.model
             self.backbone = load_backbone(m.backbone, dtype=DTYPES[r.precision], load_in_8bit=m.load_in_8bit,
                                           load_in_4bit=m.load_in_4bit, random_init=m.random_init, device=device)
@@ -125,7 +113,6 @@ class Session:
             found = model.fusion_tokens.weight.device
             if found.type != device.type:
                 raise ConfigError(f"train.device: the given model is on {found}, expected the run's device {device}")
-            check_data_matches_model(cfg, self.data)
             self.cfg = cfg
             r, m = cfg.resolved, cfg.model
             self.backbone = LoadedBackbone(model.lm, tokenizer, model.spec, model.pad_id, m.backbone)
@@ -182,7 +169,7 @@ def check_run(cfg: RunConfig, lm_config=None) -> None:
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, model: DeepMLF | None = None,
-              tokenizer=None) -> dict:
+              tokenizer=None, on_batch: Sequence[OnBatch] = ()) -> dict:
     """Run every seed of `cfg` into `cfg.train.output_dir`; -> the results dict also written
     to `results.json` (test metrics under their MMSA names, averaged over seeds).
 
@@ -191,6 +178,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     configuration replaces `cfg.model`, the run has one seed, and under DeepSpeed every rank
     passes its own copy. Everything else (stage 1, the loop, the engines, checkpoints, resume)
     is the same code path as `deepmlf train`.
+
+    `on_batch`: callables `(stage, epoch, batch)` run after every training micro-batch of both
+    stages (`loop.OnBatch`), e.g. a progress display.
 
     Inputs (run directory, configuration, data, backbone) are all validated before anything
     is written, so a bad argument leaves no half-made run directory behind."""
@@ -209,7 +199,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         device = resolve_device(cfg.train.device)
     start = time.time()
     with distributed.rank_zero_first():  # rank 0 fills shared caches (tiny backbones, synthetic data)
-        session = Session(cfg, device, model=model, tokenizer=tokenizer)
+        session = Session(cfg, device, model=model, tokenizer=tokenizer, on_batch=on_batch)
     if distributed.is_main():
         run_dir.create(overwrite)
     distributed.barrier()
@@ -240,7 +230,7 @@ def _train_seeds(session: Session, run_dir: RunDir) -> dict:
     per_seed = {str(seed): _run_seed(session, seed, run_dir) for seed in cfg.train.seeds}
     results = aggregate(per_seed, cfg)
     log.info("test (mean over %d seed%s): %s", len(per_seed), "s" * (len(per_seed) > 1),
-             format_metrics({k: results[k] for k in METRIC_KEYS[cfg.data.dataset]}))
+             format_metrics({k: results[k] for k in metric_keys(cfg.data.dataset)}))
     return results
 
 
@@ -258,8 +248,8 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
         if distributed.is_main():  # stage 1 trains the small AV encoder in one process; the others wait
             pretrain_av(
                 cfg, session.loader("train", cfg.pretrain.batch_size, True, seed, shard=False),
-                session.loader("valid", cfg.train.eval_batch_size, False, shard=False), encoder_path,
-                run_dir.stage1(seed), session.device, session.train_ctx.bf16,
+                session.loader("valid", cfg.train.eval_batch_size, False, shard=False), run_dir.stage1(seed),
+                encoder_path, session.device, session.train_ctx.bf16, session.on_batch,
             )
         distributed.barrier()
     model = session.new_model(seed)
@@ -269,20 +259,20 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
     # so a run resumed after stage 1 draws exactly what an uninterrupted one draws.
     set_seed(seed + distributed.rank())  # each rank draws its own dropout/augmentation noise
     train_loader = session.loader("train", cfg.optim.batch_size, True, seed)
-    loaders = {"train": train_loader, "valid": session.loader("valid", cfg.train.eval_batch_size, False)}
+    valid_loader = session.loader("valid", cfg.train.eval_batch_size, False)
     engine = make_engine("deepmlf", model, cfg, len(train_loader), run_dir.deepspeed(seed))
     net = engine.wrap(model)
     # TensorBoard scalars under DIR/tb/seed_<s>/ when the optional package is installed (rank 0 writes)
-    recorder = tensorboard_recorder(run_dir.root / "tb" / f"seed_{seed}") if distributed.is_main() else None
+    recorder = tensorboard_recorder(run_dir.tensorboard(seed)) if distributed.is_main() else None
     try:
-        state = fit(net, engine, loaders, cfg, run_dir.seed(seed), session.train_ctx, session.eval_ctx,
-                    recorder=recorder)
+        stage = DeepMLFStage(net, engine, train_loader, valid_loader, cfg, session.train_ctx, session.eval_ctx)
+        state = fit(stage, run_dir.stage2(seed), recorder, session.on_batch)
     finally:
         if recorder is not None:
             recorder.close()
     test = evaluate(net, session.loader("test", cfg.train.eval_batch_size, False), cfg.data.dataset,
                     session.eval_ctx, desc="test")
-    log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in METRIC_KEYS[cfg.data.dataset]}))
+    log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in metric_keys(cfg.data.dataset)}))
     result = {
         "test": test,
         "valid": state.history[state.best_epoch]["valid"] if state.history else {},
@@ -307,7 +297,7 @@ def aggregate(per_seed: dict, cfg: RunConfig) -> dict:
         per_seed=per_seed,
         dataset=cfg.data.dataset,
         backbone=cfg.model.backbone,
-        metric_names=list(METRIC_KEYS[cfg.data.dataset]),
+        metric_names=list(metric_keys(cfg.data.dataset)),
     )
     return results
 
@@ -326,7 +316,6 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
         raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model")
     dataset_spec(cfg.data.dataset)
     data = load_run_data(cfg, require_labels)
-    check_data_matches_model(cfg, data)
     session = Session(cfg, device, data)
     model = session.new_model(seed)
     model.load_trained_state_dict(load_weights(rd.best(seed)))

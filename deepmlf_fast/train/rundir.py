@@ -6,11 +6,13 @@
                                          which the same command reproduces byte for byte)
     DIR/train.log
     DIR/seed_<s>/stage1/                 stage 1 in progress: resume point (last/) and best weights
+                                         (best.safetensors)
     DIR/seed_<s>/av_encoder.safetensors  stage-1 AV encoder, written when stage 1 is complete
     DIR/seed_<s>/best.safetensors        best stage-2 weights (only what DeepMLF trains)
     DIR/seed_<s>/last/                   resume point: model.safetensors, optimizer.pt, state.json
     DIR/seed_<s>/deepspeed/              DeepSpeed checkpoints the resume point names
     DIR/seed_<s>/result.json             this seed's test/valid metrics
+    DIR/tb/seed_<s>/                     TensorBoard event files (with the optional `tensorboard`)
 
 A directory holding a run continues only that run's configuration: finished seeds are
 kept and an interrupted one resumes. `--resume` also accepts changed training settings as
@@ -22,13 +24,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.errors import CheckpointError, ConfigError
 from deepmlf_fast.fileio import read_json
+from deepmlf_fast.train.checkpoint import read_state
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """Where a training stage keeps its progress (`train.loop.fit`)."""
+
+    last: Path
+    """The resume point, a folder (`checkpoint.save_resume`)."""
+    best: Path
+    """The best weights so far (safetensors)."""
 
 
 class RunDir:
@@ -59,8 +73,14 @@ class RunDir:
     def av_encoder(self, seed: int) -> Path:
         return self.seed(seed) / "av_encoder.safetensors"
 
-    def stage1(self, seed: int) -> Path:
-        return self.seed(seed) / "stage1"
+    def stage1(self, seed: int) -> StageFiles:
+        """Stage 1's resume point and best weights (the AV pretraining model's)."""
+        folder = self.seed(seed) / "stage1"
+        return StageFiles(folder / "last", folder / "best.safetensors")
+
+    def stage2(self, seed: int) -> StageFiles:
+        """Stage 2's resume point and best weights (what DeepMLF trains)."""
+        return StageFiles(self.last(seed), self.best(seed))
 
     def best(self, seed: int) -> Path:
         return self.seed(seed) / "best.safetensors"
@@ -73,6 +93,14 @@ class RunDir:
 
     def deepspeed(self, seed: int) -> Path:
         return self.seed(seed) / "deepspeed"
+
+    def tensorboard(self, seed: int) -> Path:
+        return self.root / "tb" / f"seed_{seed}"
+
+    def read_history(self, seed: int) -> list[dict]:
+        """Stage 2's per-epoch history of `seed` (`train.loop.fit`), or [] when the seed left
+        no resume point; CheckpointError naming a damaged one."""
+        return read_state(self.last(seed)).history if self.last(seed).is_dir() else []
 
     def read_config(self) -> RunConfig:
         """The saved configuration of a run (CheckpointError when there is none)."""

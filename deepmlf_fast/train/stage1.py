@@ -3,38 +3,28 @@ reference §2.8), then hand its weights to DeepMLF (`DeepMLF.load_av_encoder`).
 
 L1 loss on the last AV step's regression; AdamW; ReduceLROnPlateau on the validation loss;
 accumulation and clipping per the parity flags (official: value clip after every
-micro-batch, sum accumulation, weight decay 0.01 on everything); early stopping.
-
-Resumable like stage 2: every epoch ends with a resume point in `work_dir/last/` (weights,
-optimizer, plateau scheduler, RNG) and the best weights in `work_dir/best.safetensors`; the
-finished encoder is written to `out_path` last, so its presence means stage 1 is complete.
+micro-batch, sum accumulation, weight decay 0.01 on everything); early stopping. The loop,
+its resume points and best checkpoints are stage 2's (`loop.fit`, files from
+`RunDir.stage1`); the finished encoder is written to `out_path` last, so its presence means
+stage 1 is complete.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from deepmlf_fast.config import RunConfig
-from deepmlf_fast.fileio import pause_point
 from deepmlf_fast.model.av_encoder import AVPretrainModel
 from deepmlf_fast.model.losses import av_pretrain_loss
-from deepmlf_fast.train.checkpoint import (
-    Stage1State,
-    is_new_best,
-    load_resume,
-    load_weights,
-    open_resume_point,
-    save_resume,
-    save_weights,
-    set_rng_state,
-)
-from deepmlf_fast.train.engine import make_engine
+from deepmlf_fast.train.checkpoint import save_weights
+from deepmlf_fast.train.engine import PlainEngine, make_engine
+from deepmlf_fast.train.loop import OnBatch, fit
+from deepmlf_fast.train.rundir import StageFiles
 from deepmlf_fast.train.step import StepContext, forward_step
 
 log = logging.getLogger(__name__)
@@ -47,58 +37,62 @@ def _valid_loss(model, loader, ctx: StepContext) -> float:
     return float(torch.stack(losses).mean())
 
 
-def pretrain_av(cfg: RunConfig, train_loader, valid_loader, out_path: Path, work_dir: Path, device: torch.device,
-                bf16: bool) -> Path:
-    """Train the AV encoder (resuming from `work_dir` when a resume point is there); write its
+@dataclass
+class AVPretrainStage:
+    """Stage 1 for `loop.fit`: the AV pretraining model on its L1 loss, validated on the mean
+    L1 over the validation batches (key `L1`), which also steps the ReduceLROnPlateau."""
+
+    number: ClassVar[int] = 1
+    shared: ClassVar[bool] = False
+    key: ClassVar[str] = "L1"
+    model: AVPretrainModel
+    engine: PlainEngine
+    loader: torch.utils.data.DataLoader
+    valid_loader: torch.utils.data.DataLoader
+    cfg: RunConfig
+    ctx: StepContext
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau = field(init=False)
+    max_epochs: int = field(init=False)
+    early_stop: int = field(init=False)
+    log_every: int = field(init=False)
+
+    def __post_init__(self):
+        pre = self.cfg.pretrain
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(self.engine.optimizer, mode="min", factor=0.1,
+                                                                  patience=pre.plateau_patience)
+        self.max_epochs, self.early_stop, self.log_every = pre.max_epochs, pre.early_stop, self.cfg.train.log_every
+
+    def validate(self) -> dict[str, float]:
+        value = _valid_loss(self.model, self.valid_loader, self.ctx)
+        self.plateau.step(value)
+        return {self.key: value}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict(), "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.plateau.load_state_dict(state["plateau"])
+
+    def summary(self, weights: dict[str, torch.Tensor]) -> dict:
+        return {}
+
+
+def pretrain_av(cfg: RunConfig, train_loader, valid_loader, files: StageFiles, out_path: Path,
+                device: torch.device, bf16: bool, on_batch: Sequence[OnBatch] = ()) -> Path:
+    """Train the AV encoder (resuming from `files` when a resume point is there); write its
     best weights (`AVEncoder` state dict) to `out_path` when done. `bf16`: autocast, as the
-    run's precision decided."""
-    pre = cfg.pretrain
-    model = AVPretrainModel(cfg.model.av, cfg.model.flags.av_pooling, out_len=pre.max_len).to(device)
+    run's precision decided. In a distributed run only rank 0 calls it."""
+    model = AVPretrainModel(cfg.model.av, cfg.model.flags.av_pooling, out_len=cfg.pretrain.max_len).to(device)
     engine = make_engine("av", model, cfg, len(train_loader))
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, mode="min", factor=0.1,
-                                                         patience=pre.plateau_patience)
     ctx = StepContext(device, bf16, av_pretrain_loss)
-    last, best_path = work_dir / "last", work_dir / "best.safetensors"
-    state = Stage1State()
-    exists, repaired = open_resume_point(last)
-    if repaired:
-        log.warning("stage-1 resume point %s: %s", last, repaired)
-    if exists:
-        weights, engine_state, rng, state = load_resume(last, Stage1State)
-        model.load_state_dict(weights)
-        engine.load_state_dict(engine_state["engine"])
-        plateau.load_state_dict(engine_state["plateau"])
-        set_rng_state(rng)
-        log.info("resuming stage 1 from %s after epoch %d (best valid L1 %.4f at epoch %d)", last, state.epoch,
-                 state.best, state.best_epoch + 1)
-    while state.epoch < pre.max_epochs and not (state.epoch > 0 and state.epoch - 1 - state.best_epoch >= pre.early_stop):
-        epoch, start = state.epoch, time.time()
-        model.train()
-        train_loader.sampler.set_epoch(epoch)
-        total, count = torch.zeros((), device=device), 0
-        for batch in tqdm(train_loader, desc=f"stage 1 epoch {epoch + 1}", leave=False, dynamic_ncols=True):
-            step = forward_step(model, batch, ctx)
-            engine.backward(step.loss, step.parts)
-            engine.maybe_step()
-            total += step.loss.detach()
-            count += 1
-            pause_point(f"stage1-epoch{epoch + 1}-batch{count}")
-        engine.end_epoch()
-        valid = _valid_loss(model, valid_loader, ctx)
-        plateau.step(valid)
-        improved = is_new_best(valid, state.best, state.best_epoch >= 0)
-        if not math.isfinite(valid):
-            log.warning("stage 1 epoch %d: valid L1 is %s, which never counts as an improvement", epoch + 1, valid)
-        if improved:
-            state.best, state.best_epoch = valid if math.isfinite(valid) else float("inf"), epoch
-            save_weights(model.encoder.state_dict(), best_path)
-        state.epoch += 1
-        save_resume(last, model.state_dict(), {"engine": engine.state_dict(), "plateau": plateau.state_dict()}, state)
-        log.info(
-            "stage 1 | epoch %d | train L1 %.4f | valid L1 %.4f%s | lr %.2e | %.0fs",
-            epoch + 1, float(total) / max(count, 1), valid, " *" if improved else "", engine.lr,
-            time.time() - start,
-        )
-    save_weights(load_weights(best_path), out_path)
-    log.info("stage 1 done: best valid L1 %.4f at epoch %d -> %s", state.best, state.best_epoch + 1, out_path)
+    fit(AVPretrainStage(model, engine, train_loader, valid_loader, cfg, ctx), files, on_batch=on_batch)
+    save_weights(model.encoder.state_dict(), out_path)
+    log.info("stage 1 done: AV encoder -> %s", out_path)
     return out_path

@@ -13,39 +13,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deepmlf_fast.backbones.load import resolve_backbone
-from deepmlf_fast.config import (
-    AVEncoderConfig,
-    AVPretrainConfig,
-    DataConfig,
-    FusionConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TextConfig,
-    TrainConfig,
-)
+from deepmlf_fast.config import AVPretrainConfig, DataConfig, LossConfig, OptimConfig, RunConfig
 from deepmlf_fast.errors import ConfigError
 from deepmlf_fast.integrations import apply_deepmlf
 from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.run import train_run
 
-from helpers import make_batch
+from helpers import make_batch, tiny_model_config, tiny_run_config
 
 
 def small_run(out_dir, seeds=(7,), **train) -> RunConfig:
-    return RunConfig(
-        model=ModelConfig(
-            av=AVEncoderConfig(max_len=12),
-            fusion=FusionConfig(n_tokens=4, mm_layers=(2, 3), n_heads=8),
-            text=TextConfig(max_tokens=16),
-            loss=LossConfig(w_fusion=0.4, w_av=0.8, w_text=0.8, w_clm=0.1),
-        ),
-        data=DataConfig(dataset="mosi", synthetic_sizes=(64, 16, 16)),
+    model = dataclasses.replace(tiny_model_config("tiny-llama", mm_layers=(2, 3)),
+                                loss=LossConfig(w_fusion=0.4, w_av=0.8, w_text=0.8, w_clm=0.1))
+    return tiny_run_config(
+        out_dir, model, data=DataConfig(dataset="mosi", synthetic_sizes=(64, 16, 16)),
         optim=OptimConfig(batch_size=16, grad_accum=1, lr_mm=2e-3, lr_av=2e-3, warmup_epochs=0.0, cosine_epochs=5,
                           max_epochs=3, early_stop=3),
-        pretrain=AVPretrainConfig(enabled=False),
-        train=TrainConfig(output_dir=str(out_dir), seeds=seeds, device="cpu", eval_batch_size=32, **train),
+        pretrain=AVPretrainConfig(enabled=False), seeds=seeds, device="cpu", eval_batch_size=32, **train,
     )
 
 

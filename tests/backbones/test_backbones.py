@@ -61,7 +61,7 @@ def test_unsupported_architecture_is_named():
 
 
 def test_pad_id_is_the_pad_token_else_eos():
-    from deepmlf_fast.backbones.load import pad_token_id
+    from deepmlf_fast.backbones.tokenizer import pad_token_id
     from deepmlf_fast.backbones.offline import gpt2_bpe_tokenizer
 
     tok = gpt2_bpe_tokenizer()

@@ -52,7 +52,7 @@ def test_family_trains_through_deepmlf(tmp_path, family, smollm2_tok):
         texts = ["a fine film", "not good"]
     bb = load_backbone(path)
     tok = bb.tokenizer
-    cfg = ModelConfig(backbone=path, av=AVEncoderConfig(max_len=8), text=TextConfig(max_tokens=12),
+    cfg = ModelConfig(backbone=path, av=AVEncoderConfig(audio_dim=5, vision_dim=20, max_len=8), text=TextConfig(max_tokens=12),
                       fusion=FusionConfig(n_tokens=3, mm_layers=(1, 2), n_heads=4))
     model = build_deepmlf(cfg, backbone=bb)[0].train()
     enc = tok(texts, padding=True, return_tensors="pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepmlf_fast.backbones.load import pad_token_id
+from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.data.tokenize import tokenize_texts
 from deepmlf_fast.errors import ConfigError, DataError
 

@@ -55,7 +55,7 @@ def test_sinusoid_table_matches_the_fairseq_formula():
 
 def test_length_masks_make_padding_irrelevant():
     torch.manual_seed(0)
-    cfg = AVEncoderConfig(max_len=4, length_masks=True, p_perm=0.0)
+    cfg = AVEncoderConfig(audio_dim=5, vision_dim=20, max_len=4, length_masks=True, p_perm=0.0)
     enc = AVEncoder(cfg, "contiguous").eval()
     audio, vision = torch.randn(2, 12, 5), torch.randn(2, 8, 20)
     a_len, v_len = torch.tensor([6, 12]), torch.tensor([4, 8])
@@ -71,7 +71,7 @@ def test_length_masks_make_padding_irrelevant():
 
 
 def test_pretrain_model_shapes_and_grad():
-    cfg = AVEncoderConfig(max_len=10)
+    cfg = AVEncoderConfig(audio_dim=5, vision_dim=20, max_len=10)
     model = AVPretrainModel(cfg, "strided", out_len=6).train()
     pred = model(torch.randn(3, 25, 5), torch.randn(3, 40, 20))["pred"]
     assert pred.shape == (3,)

@@ -244,3 +244,33 @@ def test_av_length_masks_make_av_padding_irrelevant_end_to_end():
         c = model(**noisy)  # without lengths the official behaviour sees the padding
     torch.testing.assert_close(a["pred"], b["pred"])
     assert not torch.allclose(a["pred"][1], c["pred"][1])
+
+
+def test_fusion_layers_sit_in_the_lm_and_keep_its_state_dict_keys(backbone):
+    from deepmlf_fast.model.fusion import FusionLayer
+
+    model, _ = make_model(backbone, mm_layers=(1, 3))
+    layers = model.runner.layers
+    assert [i for i, layer in enumerate(layers) if isinstance(layer, FusionLayer)] == [1, 3]
+    assert layers[3].mm is model.mm_blocks["3"] and "FusionLayer(\n          mm=mm_blocks.3\n" in repr(model)
+    bound = model.lm.state_dict()
+    model.unbind_backbone()
+    own = model.lm.state_dict()
+    assert not any(isinstance(layer, FusionLayer) for layer in layers)
+    assert list(bound) == list(own) and all(torch.equal(bound[k], own[k]) for k in own)
+    model.bind_backbone()
+    model.lm.load_state_dict(own, strict=True)
+
+
+def test_models_sharing_one_backbone_each_run_their_own_mm_blocks(backbone):
+    """A run's seeds share the loaded LM: each model's forward runs its own MM blocks."""
+    first, tok = make_model(backbone, seed=0, mm_layers=(1, 3))
+    batch = make_batch(tok)
+    first.eval()
+    with torch.no_grad():
+        before = first(**batch)["pred_fusion"]
+        second, _ = make_model(backbone, seed=1, mm_layers=(2,))
+        second.eval()
+        other = second(**batch)["pred_fusion"]
+        after = first(**batch)["pred_fusion"]
+    assert torch.equal(before, after) and not torch.allclose(before, other)

@@ -61,6 +61,24 @@ def test_fusion_only_ffn_leaves_text_rows_untouched():
     assert torch.equal(out[keep], hidden[keep]) and not torch.equal(out[rows], hidden[rows])
 
 
+def test_mm_block_on_packed_rows_gathers_and_writes_back_only_the_fusion_rows():
+    """Rows are sample-major; a sample with no visible AV step keeps its fusion rows (tanh gate
+    at 0 closes the FFN, so the cross-attention alone is compared)."""
+    torch.manual_seed(0)
+    cfg = FusionConfig(n_heads=4, gate="tanh", gate_init=0.5, ffn_gate_init=0.0, ffn_all_rows=False, dropout=0.0)
+    block = MMBlock(32, 30, cfg, MLP(32, 64, nn.GELU()), "layernorm", 1e-5, 0.25, 0.0).double()
+    hidden = torch.randn(10, 32, dtype=torch.float64)
+    rows = torch.tensor([1, 2, 4, 6, 7, 9])
+    av = torch.randn(2, 7, 30, dtype=torch.float64)
+    out = block(hidden, rows, av, torch.tensor([7, 0]))
+    others = torch.ones(10, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(out[others], hidden[others])
+    q = hidden[rows].view(2, 3, 32)
+    torch.testing.assert_close(out[rows[:3]], block.xattn(q[:1], av[:1])[0], atol=1e-12, rtol=1e-12)
+    assert torch.equal(out[rows[3:]], hidden[rows[3:]])
+
+
 def test_gpt2_ffn_copy_corrected_reproduces_the_lm_mlp():
     lm, spec = load_tiny("tiny-gpt2").lm, load_tiny("tiny-gpt2").spec
     block = get_path(lm, spec.base).h[1]

@@ -10,7 +10,7 @@ import pytest
 from deepmlf_fast.cli import main
 from deepmlf_fast.config import apply_overrides
 from deepmlf_fast.presets import adapt_to_backbone, recipe
-from deepmlf_fast.report.sweep import depth_layers
+from deepmlf_fast.train.sweep import depth_layers
 
 TINY_DEMO = ["--backbone", "tiny-llama", "--precision", "fp32", "--batch-size", "16", "--no-pretrain",
              "--epochs", "1", "--seeds", "1", "2", "--set", "data.synthetic_sizes=32,16,16",

@@ -33,7 +33,7 @@ def test_training_writes_tensorboard_scalars(demo_run):
 
 
 def test_no_tensorboard_means_no_recorder_and_no_folder(tmp_path, monkeypatch):
-    from deepmlf_fast.report.tensorboard import tensorboard_recorder
+    from deepmlf_fast.train.tensorboard import tensorboard_recorder
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     assert tensorboard_recorder(tmp_path / "tb" / "seed_1") is None

@@ -137,7 +137,7 @@ def train_stage(tmp: Path, data: Path, ds_config: Path) -> None:
     engine = make_engine("deepmlf", model, session.cfg, len(loader), tmp / "parity")
     net = engine.wrap(model)
     _check_placement(engine, model)
-    losses = [distributed.average_values(train_epoch(net, engine, loader, cfg, session.train_ctx, e))["total"]
+    losses = [distributed.average_values(train_epoch(net, engine, loader, session.train_ctx, e, cfg.train.log_every))["total"]
               for e in range(2)]
     state = engine.model_state(model)
     if distributed.is_main():

@@ -3,12 +3,11 @@ mid-epoch in stage 2 and inside a checkpoint write (between the two renames that
 point), then the same command again, ends with the same `results.json` bytes and best weights as an
 uninterrupted run. Two uninterrupted runs are byte-identical too (reproducibility).
 
-The kill moments come from the test hook `DEEPMLF_TEST_PAUSE_AT=<point>:<marker>`: the process writes
-the marker file when it reaches the point and waits there to be killed."""
+The killed runs are `kill_worker.py`'s: the same run as `deepmlf train`, which writes a marker file
+when it reaches the named point and waits there to be killed."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,28 +17,28 @@ from pathlib import Path
 import pytest
 
 from deepmlf_fast.data import make_synthetic
-from deepmlf_fast.fileio import PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 DEEPMLF = str(Path(sys.executable).parent / "deepmlf")
+KILL_WORKER = str(Path(__file__).with_name("kill_worker.py"))
 
 
-def _cmd(data: Path, out: Path) -> list[str]:
-    return [DEEPMLF, "train", "--data", str(data), "--dataset", "mosi", "--backbone", "tiny-gpt2", "--epochs", "3",
+def _train_args(data: Path, out: Path) -> list[str]:
+    return ["--data", str(data), "--dataset", "mosi", "--backbone", "tiny-gpt2", "--epochs", "3",
             "--pretrain-epochs", "2", "--seeds", "7", "--batch-size", "8", "--grad-accum", "1", "--set",
             "pretrain.batch_size=8", "--output-dir", str(out)]
 
 
 def _run(data: Path, out: Path) -> str:
-    proc = subprocess.run(_cmd(data, out), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([DEEPMLF, "train", *_train_args(data, out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def _kill_at(data: Path, out: Path, point: str, tmp: Path) -> None:
     marker = tmp / f"paused-{point.replace('/', '_')}"
-    env = dict(os.environ, **{PAUSE_ENV: f"{point}:{marker}"})
-    proc = subprocess.Popen(_cmd(data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, KILL_WORKER, point, str(marker), *_train_args(data, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not marker.exists():
         if proc.poll() is not None:

@@ -18,31 +18,28 @@ from deepmlf_fast.config import (
     OptimConfig,
     RunConfig,
     TextConfig,
-    TrainConfig,
 )
 from deepmlf_fast.metrics import METRIC_KEYS
 from deepmlf_fast.train import loop
 from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.run import train_run
 
+from helpers import tiny_run_config
+
 
 def small_run(tmp_path, name="run", **optim) -> RunConfig:
     o = dict(batch_size=16, grad_accum=2, lr_mm=1e-3, lr_av=1e-3, warmup_epochs=0.5, cosine_epochs=6,
              max_epochs=6, early_stop=6, key_metric="MAE")
     o.update(optim)
-    return RunConfig(
-        model=ModelConfig(
-            backbone="tiny-llama",
-            av=AVEncoderConfig(max_len=20, p_perm=0.1),
-            fusion=FusionConfig(n_tokens=4, mm_layers=(2, 3), n_heads=8),
-            text=TextConfig(max_tokens=32),
-            loss=LossConfig(w_fusion=0.4, w_av=0.8, w_text=0.8, w_clm=0.1),
-        ),
-        data=DataConfig(dataset="mosi", synthetic_sizes=(192, 96, 96)),
-        optim=OptimConfig(**o),
-        pretrain=AVPretrainConfig(lr=1e-3, max_epochs=3, grad_accum=1),
-        train=TrainConfig(output_dir=str(tmp_path / name), seeds=(7,)),
+    model = ModelConfig(
+        backbone="tiny-llama",
+        av=AVEncoderConfig(max_len=20, p_perm=0.1),
+        fusion=FusionConfig(n_tokens=4, mm_layers=(2, 3), n_heads=8),
+        text=TextConfig(max_tokens=32),
+        loss=LossConfig(w_fusion=0.4, w_av=0.8, w_text=0.8, w_clm=0.1),
     )
+    return tiny_run_config(tmp_path / name, model, data=DataConfig(dataset="mosi", synthetic_sizes=(192, 96, 96)),
+                           optim=OptimConfig(**o), pretrain=AVPretrainConfig(lr=1e-3, max_epochs=3, grad_accum=1))
 
 
 def test_training_run_lowers_the_loss_and_writes_the_contract(tmp_path):
@@ -62,23 +59,19 @@ def test_training_run_lowers_the_loss_and_writes_the_contract(tmp_path):
     assert weights and not any(k.startswith("lm.") for k in weights)
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     straight = small_run(tmp_path, "straight", max_epochs=3)
     train_run(straight)
 
     interrupted = small_run(tmp_path, "interrupted", max_epochs=3)
-    real_epoch = loop.train_epoch
 
-    def crash_in_third_epoch(model, engine, loader, cfg, ctx, epoch, recorder=None):
-        if epoch == 2:
+    def crash_in_third_epoch(stage: int, epoch: int, batch: int) -> None:
+        if stage == 2 and epoch == 3:
             raise KeyboardInterrupt
-        return real_epoch(model, engine, loader, cfg, ctx, epoch, recorder)
 
-    monkeypatch.setattr(loop, "train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_run(interrupted)
+        train_run(interrupted, on_batch=[crash_in_third_epoch])
     assert not (tmp_path / "interrupted" / "results.json").exists()
-    monkeypatch.setattr(loop, "train_epoch", real_epoch)
     train_run(interrupted)  # same configuration: continues from the last finished epoch
 
     a = load_weights(tmp_path / "straight" / "seed_7" / "last" / "model.safetensors")
