@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from deepmlf_fast.config import RunConfig
+from deepmlf_fast.config import RunConfig, with_av_widths
 from deepmlf_fast.presets import recipe
 from deepmlf_fast.train.run import av_swap_maes, train_run
 
@@ -71,7 +71,7 @@ def _read_config(run: Path) -> RunConfig | None:
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory) -> list[Path]:
-    cfg = recipe("demo")  # its output_dir is the README run's, runs/demo
+    cfg = with_av_widths(recipe("demo"))  # as a run records it (the data's widths); output_dir: runs/demo
     listed = os.environ.get(RUNS_ENV)
     if listed:
         runs = [Path(p) for p in listed.split(os.pathsep) if p]
