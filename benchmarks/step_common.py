@@ -33,7 +33,7 @@ from deepmlf_fast.fileio import cache_dir
 from deepmlf_fast.hardware import DTYPES
 from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.losses import deepmlf_loss
-from deepmlf_fast.train.optim import mm_side_parameters
+from deepmlf_fast.train.optim import adamw, mm_side_parameters
 from deepmlf_fast.train.step import StepContext, autocast, forward_step
 from shapes import text_lengths
 
@@ -269,7 +269,9 @@ def make_train_step(provider: str, module, cfg: ModelConfig, batch: StepBatch, w
     """
     params = [p for p in module.parameters() if p.requires_grad]
     mm_side = mm_side_parameters(module)
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=weight_decay)
+    # Each side's own optimizer: deepmlf-fast's (fused where torch has it), the released code's plain one.
+    make_opt = adamw if provider.startswith("ours") else torch.optim.AdamW
+    opt = make_opt(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=weight_decay)
     bf16 = precision == "bf16"
 
     def step() -> torch.Tensor:

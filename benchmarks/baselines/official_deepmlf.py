@@ -129,6 +129,18 @@ class OfficialHeads(nn.Module):
                                     nn.Linear(hidden, 1))
 
 
+def _restore_hf_activations(lm: nn.Module) -> None:
+    """Put back the LM's own Hugging Face activation where deepmlf-fast's loader fused it
+    (`backbones.load.fuse_activations`): the released code runs GPT-2 with the Python `gelu_new`."""
+    from transformers.activations import GELUTanh
+
+    act = getattr(lm.config, "activation_function", None) or getattr(lm.config, "hidden_act", None)
+    for parent in lm.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is GELUTanh and act is not None and type(ACT2FN[act]) is not GELUTanh:
+                setattr(parent, name, ACT2FN[act])
+
+
 class OfficialStyleDeepMLF(nn.Module):
     """See the module docstring. Build with `OfficialStyleDeepMLF(cfg, lm, tokenizer, spec)` (official
     initialisation around an already loaded LM) or `from_deepmlf(model, tokenizer)` (same values as a
@@ -197,6 +209,7 @@ class OfficialStyleDeepMLF(nn.Module):
         afterwards); otherwise the LM is deep-copied.
         """
         lm = model.lm if share_lm else copy.deepcopy(model.lm)
+        _restore_hf_activations(lm)
         off = cls(model.cfg, lm, tokenizer, model.spec, attn_implementation=attn_implementation)
         off.load_from_deepmlf(model)
         return off

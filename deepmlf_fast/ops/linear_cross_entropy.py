@@ -62,18 +62,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_size].float()  # (c, D)
             t = targets[start:start + chunk_size]
             valid = t != ignore_index
-            logits = h @ w32.t()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
+            logp = torch.log_softmax(h @ w32.t(), dim=-1)  # (c, V)
             safe_t = torch.where(valid, t, torch.zeros_like(t))
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total = total + ((lse - picked) * valid).sum()
-            # d(loss)/d(logits) = (softmax - onehot) / count on counted rows, 0 elsewhere.
-            g = torch.softmax(logits, dim=-1)
-            g.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
-            g = g * (valid[:, None].float() / count)
-            grad_h[start:start + chunk_size] = g @ w32
+            scale = valid.float() / count  # (c,): 1/count on counted rows, 0 elsewhere
+            total = total - (logp.gather(1, safe_t[:, None]).squeeze(1) * valid).sum()
+            # d(loss)/d(logits) = (softmax - onehot) * scale; the row scale is applied to the
+            # (c, D) products, not to the (c, V) block, which costs a full pass over it.
+            g = logp.exp_()
+            g.scatter_add_(1, safe_t[:, None], -torch.ones_like(scale)[:, None])
+            grad_h[start:start + chunk_size] = (g @ w32) * scale[:, None]
             if want_w:
-                grad_w += g.t() @ h
+                grad_w += g.t() @ (h * scale[:, None])
         ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
         ctx.want_w = want_w
         ctx.dtypes = (hidden.dtype, weight.dtype)

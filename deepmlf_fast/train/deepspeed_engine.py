@@ -32,7 +32,7 @@ from deepmlf_fast.errors import CheckpointError
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import rng_state, set_rng_state
 from deepmlf_fast.train.deepspeed_config import deepspeed_config_for, stage_of
-from deepmlf_fast.train.optim import param_groups, schedule_for
+from deepmlf_fast.train.optim import adamw, param_groups, schedule_for
 
 
 class DeepSpeedEngine:
@@ -56,7 +56,7 @@ class DeepSpeedEngine:
         if "optimizer" in self.config:
             client, model_parameters = None, groups
         else:
-            client = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            client = adamw(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
             model_parameters = None
         period = max(self.steps_per_epoch(n_batches), 1)
         self.ds, _, _, _ = deepspeed.initialize(

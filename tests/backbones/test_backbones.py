@@ -103,3 +103,22 @@ def test_lora_wrapped_layer_reads_as_its_merged_weight(fan_in_fan_out):
     assert not torch.allclose(weight, base, atol=1e-3)  # the adapter is not a no-op
     torch.testing.assert_close(weight, dense_linear(merged)[0])
     torch.testing.assert_close(bias, dense_linear(merged)[1])
+
+
+def test_gpt2_gelu_runs_as_one_kernel_with_the_python_formula_s_values():
+    """The loader swaps GPT-2's Python `gelu_new` for `F.gelu(approximate="tanh")`: every MLP
+    gets it, and it computes the Python formula's values and gradients (fp64 reference)."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    lm = load_backbone("tiny-gpt2").lm
+    acts = [m.mlp.act for m in lm.transformer.h]
+    assert acts and all(type(a) is GELUTanh for a in acts)
+    assert not any(type(m) is NewGELUActivation for m in lm.modules())
+    x = (torch.randn(257, 96, dtype=torch.float64) * 3).requires_grad_()
+    ref = NewGELUActivation()(x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    x32 = x.detach().float().requires_grad_()
+    out = acts[0](x32)
+    (g,) = torch.autograd.grad(out.sum(), x32)
+    assert (out.double() - ref).abs().max() < 4e-6
+    assert (g.double() - g_ref).abs().max() < 4e-6
