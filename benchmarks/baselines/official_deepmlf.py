@@ -129,16 +129,21 @@ class OfficialHeads(nn.Module):
                                     nn.Linear(hidden, 1))
 
 
-def _restore_hf_activations(lm: nn.Module) -> None:
-    """Put back the LM's own Hugging Face activation where deepmlf-fast's loader fused it
-    (`backbones.load.fuse_activations`): the released code runs GPT-2 with the Python `gelu_new`."""
+def _restore_hf_modules(lm: nn.Module) -> None:
+    """Put back the LM's own Hugging Face modules where deepmlf-fast's loader swapped them
+    (`backbones.load.fuse_elementwise`): the released code runs GPT-2 with the Python `gelu_new`
+    and torch's `nn.Dropout`."""
     from transformers.activations import GELUTanh
+
+    from deepmlf_fast.ops.dropout import Dropout
 
     act = getattr(lm.config, "activation_function", None) or getattr(lm.config, "hidden_act", None)
     for parent in lm.modules():
         for name, child in list(parent.named_children()):
             if type(child) is GELUTanh and act is not None and type(ACT2FN[act]) is not GELUTanh:
                 setattr(parent, name, ACT2FN[act])
+            elif type(child) is Dropout:
+                setattr(parent, name, nn.Dropout(child.p))
 
 
 class OfficialStyleDeepMLF(nn.Module):
@@ -209,7 +214,7 @@ class OfficialStyleDeepMLF(nn.Module):
         afterwards); otherwise the LM is deep-copied.
         """
         lm = model.lm if share_lm else copy.deepcopy(model.lm)
-        _restore_hf_activations(lm)
+        _restore_hf_modules(lm)
         off = cls(model.cfg, lm, tokenizer, model.spec, attn_implementation=attn_implementation)
         off.load_from_deepmlf(model)
         return off

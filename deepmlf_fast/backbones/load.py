@@ -20,6 +20,7 @@ from deepmlf_fast.backbones.registry import BACKBONES, BackbonePreset, backbone_
 from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.ops import hf_attention
+from deepmlf_fast.ops.dropout import Dropout
 
 log = logging.getLogger(__name__)
 
@@ -159,32 +160,35 @@ def load_backbone(
         if quant is None and device is not None:
             model.to(device)
     model.requires_grad_(False)
-    fuse_activations(model)
+    fuse_elementwise(model)
     spec = arch_for(model.config.model_type)
     log.info("loaded backbone %s (%s, %d layers, width %d, %s)", resolved.name, model.config.model_type,
              model.config.num_hidden_layers, model.config.hidden_size, str(dtype).replace("torch.", ""))
     return LoadedBackbone(model, tokenizer, spec, pad_id, resolved.name)
 
 
-def fuse_activations(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
-    """Swap Hugging Face's Python tanh-GELU (`NewGELUActivation`, GPT-2's `gelu_new`) for the same
-    formula as one ATen kernel (`GELUTanh`, `F.gelu(approximate="tanh")`), in place; -> the
-    swaps as `(parent, attribute, original module)`, for `unfuse_activations`.
+def fuse_elementwise(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Swap, in place, the LM's element-wise modules that cost most for faster equivalents; ->
+    the swaps as `(parent, attribute, original module)`, for `unfuse_elementwise`.
 
-    The Python form makes eight passes over the `(rows, 4D)` activation forward and more in
-    backward, and keeps five of them for backward; on a 2-core EPYC it was a fifth of a GPT-2
-    training step. Equal up to rounding (a few ulp; `tests/backbones`)."""
+    * Hugging Face's Python tanh-GELU (`NewGELUActivation`, GPT-2's `gelu_new`) -> the same
+      formula as one ATen kernel (`GELUTanh`): the Python form makes eight passes over the
+      `(rows, 4D)` activation forward, more in backward, and keeps five for backward; on a
+      2-core EPYC it was a fifth of a GPT-2 training step. Equal up to rounding (a few ulp).
+    * `nn.Dropout` -> `ops.dropout.Dropout` (same `p`; a mask drawn at half the cost on CPU).
+    """
     from transformers.activations import GELUTanh, NewGELUActivation
 
+    faster = {NewGELUActivation: lambda m: GELUTanh(), torch.nn.Dropout: lambda m: Dropout(m.p)}
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
-    for parent, name, _ in swaps:
-        setattr(parent, name, GELUTanh())
+             if type(child) in faster]
+    for parent, name, child in swaps:
+        setattr(parent, name, faster[type(child)](child))
     return swaps
 
 
-def unfuse_activations(swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
-    """Put back the modules `fuse_activations` replaced."""
+def unfuse_elementwise(swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    """Put back the modules `fuse_elementwise` replaced."""
     for parent, name, original in swaps:
         setattr(parent, name, original)
 

@@ -19,8 +19,8 @@ What `apply_deepmlf` changes on the model it is given (and `revert_deepmlf` undo
 * attention through `attn_implementation="deepmlf"` (`apply_fused_attention`), which DeepMLF's
   packed runner needs; on ordinary `model(input_ids, attention_mask)` calls it computes the
   same function as the implementation it replaces;
-* GPT-2's Python `gelu_new` replaced by the same formula as one kernel
-  (`backbones.load.fuse_activations`), as the project's own loader does;
+* GPT-2's Python `gelu_new` and `nn.Dropout` replaced by faster equivalents
+  (`backbones.load.fuse_elementwise`), as the project's own loader does;
 * `model.load_state_dict(original_state_dict, strict=True)` still works: a hook on `deepmlf`
   accepts a state dict that holds none of its keys (one holding only some of them is an error).
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from deepmlf_fast.backbones.arch import MODEL_TYPES, ArchSpec, arch_for, get_path
-from deepmlf_fast.backbones.load import LoadedBackbone, fuse_activations, unfuse_activations
+from deepmlf_fast.backbones.load import LoadedBackbone, fuse_elementwise, unfuse_elementwise
 from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.config import ModelConfig
 from deepmlf_fast.errors import BackboneError
@@ -56,8 +56,8 @@ class _Applied:
 
     requires_grad: dict[str, bool]
     hooks: list
-    activations: list
-    """`backbones.load.fuse_activations`' swaps."""
+    elementwise: list
+    """`backbones.load.fuse_elementwise`' swaps."""
 
 
 _ATTENTION: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -130,21 +130,21 @@ def apply_deepmlf(model: nn.Module, config: ModelConfig, *, tokenizer=None, pad_
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
     base.requires_grad_(False)
     apply_fused_attention(base)
-    activations = fuse_activations(base)
+    elementwise = fuse_elementwise(base)
     try:
         pad = pad_token_id(tokenizer) if pad_id is None else pad_id
         dm, _ = build_deepmlf(config, init_seed=init_seed, backend=backend,
                               backbone=LoadedBackbone(base, tokenizer, spec, pad, config.backbone))
     except Exception:
         revert_fused_attention(base)
-        unfuse_activations(activations)
+        unfuse_elementwise(elementwise)
         _restore_requires_grad(base, flags)
         raise
     dm.detach_backbone()
     base.add_module(ATTR, dm)
     tolerate = _TolerateAbsent()
     hooks = [dm.register_load_state_dict_pre_hook(tolerate.pre), dm.register_load_state_dict_post_hook(tolerate.post)]
-    _APPLIED[base] = _Applied(flags, hooks, activations)
+    _APPLIED[base] = _Applied(flags, hooks, elementwise)
     return dm
 
 
@@ -159,7 +159,7 @@ def revert_deepmlf(model: nn.Module) -> nn.Module:
         hook.remove()
     base._modules.pop(ATTR).unbind_backbone()
     revert_fused_attention(base)
-    unfuse_activations(applied.activations)
+    unfuse_elementwise(applied.elementwise)
     _restore_requires_grad(base, applied.requires_grad)
     return model
 

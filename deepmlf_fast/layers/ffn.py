@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from deepmlf_fast.layers.gate import Gate, copy_norm, make_norm, norm_kind
+from deepmlf_fast.ops.dropout import Dropout
 
 
 class GatedFFN(nn.Module):
@@ -28,7 +29,7 @@ class GatedFFN(nn.Module):
         super().__init__()
         self.norm = make_norm(norm, dim, norm_eps)
         self.mlp = mlp
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.gate = Gate(gate, gate_init)
 
     @classmethod

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepmlf_fast.config import AVEncoderConfig
+from deepmlf_fast.ops.dropout import Dropout
 
 
 class SoftPerm(nn.Module):
@@ -94,7 +95,7 @@ class ModalityEncoder(nn.Module):
         self.scale = math.sqrt(cfg.d_model)
         self.norm = nn.BatchNorm1d(in_dim) if batch_norm else None
         self.proj = nn.Linear(in_dim, cfg.d_model, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
             cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.dropout,
             activation="gelu", batch_first=True, norm_first=True,

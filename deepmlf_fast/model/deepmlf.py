@@ -30,6 +30,7 @@ from deepmlf_fast.model.fusion import FusionInputs, FusionLayer, MMBlock, add_lo
 from deepmlf_fast.model.heads import Heads
 from deepmlf_fast.model.lm_runner import LMRunner
 from deepmlf_fast.model.losses import CLMInputs
+from deepmlf_fast.ops.dropout import Dropout
 from deepmlf_fast.ops.linear_cross_entropy import IGNORE_INDEX
 
 BACKBONE_PREFIX = "lm."
@@ -77,7 +78,7 @@ class DeepMLF(nn.Module):
             self.heads = Heads(dim, cfg.av.d_model, cfg.head_hidden)
         self.text_perm = SoftPerm(cfg.text.p_perm) if cfg.text.seqaug else None
         p_embd = getattr(lm_cfg, spec.embed_dropout_attr) if spec.embed_dropout_attr else 0.0
-        self.embed_dropout = nn.Dropout(p_embd)
+        self.embed_dropout = Dropout(p_embd)
         self.backend = "auto"
         self.to(device=self.lm.device)
         self.bind_backbone()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmlf_fast.ops.dispatch import resolve_backend
+from deepmlf_fast.ops.dropout import dropout
 
 MATH_PATH_MAX_KEYS = 256
 
@@ -145,7 +146,7 @@ def varlen_attention_reference(
             keep = dropout_mask.reshape(bsz, hkv, group * max_seqlen_q, max_seqlen_k)
             p = p * keep.to(p.dtype) / (1.0 - dropout_p)
         elif dropout_p > 0.0:
-            p = F.dropout(p, p=dropout_p, training=True)
+            p = dropout(p, dropout_p)
         out = torch.matmul(p.to(vp.dtype), vp)  # (B, Hkv, G*Lq, d)
     else:
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmlf_fast.ops.dispatch import kernel_dtype, resolve_backend
+from deepmlf_fast.ops.dropout import dropout
 from deepmlf_fast.ops.gate import GATES, gate_value
 
 NORMS = ("layernorm", "rmsnorm")
@@ -293,9 +294,7 @@ def normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def _dropout(t: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is not None:
         return t * keep.to(t.dtype) / (1.0 - p)
-    if p > 0.0:
-        return F.dropout(t, p=p, training=True)
-    return t
+    return dropout(t, p)
 
 
 def _check(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, n_heads, norm, gate, av_lengths, form) -> None:

@@ -106,14 +106,20 @@ def test_lora_wrapped_layer_reads_as_its_merged_weight(fan_in_fan_out):
 
 
 def test_gpt2_gelu_runs_as_one_kernel_with_the_python_formula_s_values():
-    """The loader swaps GPT-2's Python `gelu_new` for `F.gelu(approximate="tanh")`: every MLP
-    gets it, and it computes the Python formula's values and gradients (fp64 reference)."""
+    """The loader swaps GPT-2's Python `gelu_new` for `F.gelu(approximate="tanh")` and its
+    dropouts for `ops.dropout.Dropout` (same p): every module gets it, and the GELU computes the
+    Python formula's values and gradients (fp64 reference)."""
     from transformers.activations import GELUTanh, NewGELUActivation
+
+    from deepmlf_fast.ops.dropout import Dropout
 
     lm = load_backbone("tiny-gpt2").lm
     acts = [m.mlp.act for m in lm.transformer.h]
     assert acts and all(type(a) is GELUTanh for a in acts)
-    assert not any(type(m) is NewGELUActivation for m in lm.modules())
+    assert not any(type(m) in (NewGELUActivation, torch.nn.Dropout) for m in lm.modules())
+    drops = [m for m in lm.modules() if type(m) is Dropout]
+    assert len(drops) == 1 + 3 * len(acts)  # embeddings; per block: attention probabilities, its output, MLP
+    assert {m.p for m in drops} == {lm.config.resid_pdrop}
     x = (torch.randn(257, 96, dtype=torch.float64) * 3).requires_grad_()
     ref = NewGELUActivation()(x)
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
