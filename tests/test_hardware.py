@@ -148,29 +148,34 @@ def test_env_refuses_a_device_this_machine_lacks_in_one_line(device, capsys):
     assert err.count("\n") == 1 and err.startswith("error: --device: expected ") and repr(device) in err
 
 
-def test_keep_freed_memory_stops_large_blocks_faulting_in_again():
-    """After `keep_freed_memory`, a freed 64 MiB tensor's pages are reused by the next one
-    instead of being unmapped and faulted in again (run in a child: the setting is process-wide)."""
+def test_keep_freed_memory_keeps_a_freed_large_block_for_reuse():
+    """After `keep_freed_memory`, a freed 64 MiB tensor stays in glibc's heap (free bytes of
+    `mallinfo2`) for the next one, instead of being unmapped and faulted in again page by page.
+    Checked on the allocator's own books, not on page-fault counts: this VM's kernel reclaims
+    cold free pages on its own schedule (kdamond). Run in a child: the setting is process-wide."""
     import subprocess
     import sys
 
     code = (
-        "import resource, torch\n"
+        "import ctypes, torch\n"
         "from deepmlf_fast.hardware import keep_freed_memory\n"
-        "def faults():\n"
-        "    for _ in range(2):\n"
-        "        torch.ones(16 << 20)\n"
-        "    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "    for _ in range(4):\n"
-        "        torch.ones(16 << 20)\n"
-        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0\n"
-        "before = faults()\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype = Info\n"
+        "def kept():\n"
+        "    x = torch.ones(16 << 20)\n"
+        "    del x\n"
+        "    return libc.mallinfo2().fordblks\n"
+        "before = kept()\n"
         "applied = keep_freed_memory()\n"
-        "print(before, applied, faults())\n"
+        "print(before, applied, kept())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    before, applied, after = int(out[0]), out[1] == "True", int(out[2])
-    if not applied:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0 and "mallinfo2" in proc.stderr:
+        pytest.skip("no glibc mallinfo2 here")
+    assert proc.returncode == 0, proc.stderr
+    before, applied, after = proc.stdout.split()
+    if applied != "True":
         pytest.skip("not glibc: keep_freed_memory does nothing here")
-    assert before > 4 * 16000  # 4 x 64 MiB of fresh pages
-    assert after < 1000
+    assert int(before) < (16 << 20) <= int(after) / 4  # 64 MiB: unmapped before, kept after

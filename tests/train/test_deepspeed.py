@@ -206,8 +206,11 @@ def test_quantized_backbone_trains_like_the_dense_one(run, tol, runs):
     Tolerance: LLM.int8 reproduces the tiny backbone's logits to ~1e-2 and NF4 to ~0.1 (see
     tests/train/test_quantize.py); one epoch of training on top moves the test metrics by less
     than that, while a broken quantized path (unscaled int8 weights, a backbone left out of the
-    forward) moves MAE by whole units on this [-3, 3] scale."""
+    forward) moves MAE by whole units on this [-3, 3] scale. Corr is compared for LLM.int8 only:
+    after one epoch on this tiny split the predictions barely vary, so the correlation of two
+    NF4-close runs swings by more than 0.1 with the last bit of the arithmetic (-0.39 against
+    -0.53 once issue 18 changed the dropout draws and the optimizer's rounding; MAEs within 0.1)."""
     quant = json.loads((runs / run / "q" / "results.json").read_text())
     dense = json.loads((runs / run / "dense" / "results.json").read_text())
-    for key in ("MAE", "MAE_text", "MAE_fusion", "Corr"):
+    for key in ("MAE", "MAE_text", "MAE_fusion") + (("Corr",) if run == "zero3_8bit" else ()):
         assert quant[key] == pytest.approx(dense[key], abs=tol), (key, quant[key], dense[key])
