@@ -193,6 +193,24 @@ def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, reps: int
     return 2.0 * m * k * n / sorted(times)[len(times) // 2]
 
 
+def gemm_rate_over(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float) -> float:
+    """Mean FLOP/s of back-to-back `(m, k) @ (k, n)` products for about `seconds` (after one
+    warm-up product): the rate averaged over the same span of a shared machine's drifting speed
+    as the step it is compared with, which a median of a few ~10 ms products is not."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    count, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return 2.0 * m * k * n * count / elapsed
+
+
 def cuda_time(
     make_fn: Callable[[], Callable[[], object]],
     *,

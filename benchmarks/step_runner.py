@@ -14,10 +14,13 @@ What is measured (after building the model and the batch, and `gc.collect()`):
 * parity: before anything is timed, one deterministic forward + backward (no dropout, no
   SoftPerm) records the loss terms and two gradients, which the test compares across providers;
 * FLOPs: deepmlf-fast's exact count of its step (`flops.deepmlf_step_flops`), or for the
-  official style what PyTorch counts while one more step runs (`flops.counted_flops`); the
-  achieved FLOP/s over the median step time, next to the measured rate of the step's dominant
-  matrix product (rows x D x FFN width, same dtype and threads) in this process: the fraction
-  of the machine's GEMM rate the whole step reaches;
+  official style what PyTorch counts while one more step runs (`flops.counted_flops`, before
+  the timed steps); the achieved FLOP/s over the median step time, next to the measured rate of
+  the step's dominant matrix product (rows x D x FFN width, same dtype and threads) in this
+  process, measured again right after every timed step, for as long as it took (at most 3 s;
+  `harness.gemm_rate_over`): `fraction_of_gemm` is the
+  median over steps of each step's FLOP/s over the GEMM rate next to it, the fraction of the
+  machine's GEMM rate the whole step reaches even while a shared machine's speed drifts;
 * peak memory of training, warm-up included (so optimizer state, gradients and activations count):
   - CUDA: `torch.cuda.max_memory_allocated()` minus the allocation at the reset after the build;
   - CPU: the kernel's peak RSS (VmHWM) minus the RSS after the build, with the peak reset to the
@@ -102,7 +105,16 @@ def main(argv=None) -> int:
     losses = []
     for _ in range(args.warmup):
         losses.append(float(step()))
-    times = []
+    b, n = step_cfg.batch, cfg.fusion.n_tokens
+    if args.provider.startswith("ours"):
+        flops = deepmlf_step_flops(module, batch.packed.layout).total
+    else:
+        flops = counted_flops(step)  # one more step, counted: a warm-up step too
+    lm_cfg = module.lm.config
+    inner = getattr(lm_cfg, "intermediate_size", None) or getattr(lm_cfg, "n_inner", None) or 4 * lm_cfg.hidden_size
+    dtype = torch.bfloat16 if step_cfg.precision == "bf16" else torch.float32
+    gemm_shape = (batch.real_tokens + b * n, lm_cfg.hidden_size, inner)
+    times, gemm_rates = [], []
     for _ in range(args.steps):
         if cuda:
             torch.cuda.synchronize()
@@ -112,6 +124,10 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
+        # The GEMM rate right after each step, over as long as the step took (at most 3 s): a
+        # shared machine's speed drifts by tens of percent within seconds, so each step is
+        # compared with the machine as it was then, averaged alike.
+        gemm_rates.append(harness.gemm_rate_over(*gemm_shape, dtype, args.device, min(times[-1], 3.0)))
 
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 - base_mb
@@ -120,17 +136,10 @@ def main(argv=None) -> int:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - (base_mb or 0.0)
 
-    b, n = step_cfg.batch, cfg.fusion.n_tokens
     tokens = batch.real_tokens + b * n if args.provider.startswith("ours") else b * (cfg.text.max_tokens + n)
-    if args.provider.startswith("ours"):
-        flops = deepmlf_step_flops(module, batch.packed.layout).total
-    else:
-        flops = counted_flops(step)
-    lm_cfg = module.lm.config
-    inner = getattr(lm_cfg, "intermediate_size", None) or getattr(lm_cfg, "n_inner", None) or 4 * lm_cfg.hidden_size
-    dtype = torch.bfloat16 if step_cfg.precision == "bf16" else torch.float32
-    gemm = harness.gemm_rate(batch.real_tokens + b * n, lm_cfg.hidden_size, inner, dtype, args.device)
     median = sorted(times)[len(times) // 2]
+    gemm = sorted(gemm_rates)[len(gemm_rates) // 2]
+    fractions = sorted(flops / t / g for t, g in zip(times, gemm_rates))
     write_json(args.out, {
         "config": step_cfg.name, "provider": args.provider, "device": args.device, "backbone": cfg.backbone,
         "dtype": step_cfg.precision, "batch": b, "n_fusion": n, "mm_layers": list(cfg.fusion.mm_layers),
@@ -138,7 +147,8 @@ def main(argv=None) -> int:
         "rss_after_build_mb": base_mb if not cuda else None, "build_s": build_s, "losses": losses,
         "tokens_per_step": tokens, "text_source": batch.text_source, "attn": args.attn, "note": note,
         "threads": torch.get_num_threads(), "flops": flops, "achieved_flops_per_s": flops / median,
-        "gemm_flops_per_s": gemm, "fraction_of_gemm": flops / median / gemm, "parity": parity,
+        "gemm_flops_per_s": gemm, "gemm_flops_per_s_each": gemm_rates,
+        "fraction_of_gemm": fractions[len(fractions) // 2], "parity": parity,
     })
     return 0
 
