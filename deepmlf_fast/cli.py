@@ -417,6 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _BitsandbytesHubKernelNote(logging.Filter):
+    """Replaces bitsandbytes' import-time warning on a CPU with AVX512-BF16 ("Failed to load CPU
+    gemm_4bit_forward from kernels-community ... pip install kernels"), which reads as an error and
+    whose advice would make it download a kernel from the Hub at run time, by one plain INFO line."""
+
+    PREFIX = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    NOTE = ("bitsandbytes: 4-bit products on this CPU use its built-in kernel (its optional kernel "
+            "from the Hugging Face Hub is not loaded: nothing is downloaded at run time)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.PREFIX):
+            return True
+        record.levelno, record.levelname, record.msg, record.args = logging.INFO, "INFO", self.NOTE, ()
+        return logging.getLogger().isEnabledFor(logging.INFO)
+
+
 def setup_logging(quiet: bool) -> None:
     """Log to stdout (INFO, or WARNING when `quiet`); quiet also silences progress bars, so
     stderr carries nothing but warnings and errors."""
@@ -426,6 +442,9 @@ def setup_logging(quiet: bool) -> None:
     )
     for noisy in ("transformers", "DeepSpeed", "deepspeed", "torch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _BitsandbytesHubKernelNote) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_BitsandbytesHubKernelNote())
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when a bar is created
         from transformers.utils import logging as hf_logging

@@ -155,3 +155,34 @@ def test_help_does_not_import_torch():
     code = ("import sys\nfrom deepmlf_fast.cli import build_parser\nbuild_parser()\n"
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bitsandbytes_hub_kernel_warning_becomes_one_plain_line():
+    """bitsandbytes warns at import on AVX512-BF16 CPUs that it failed to load a kernel from the
+    Hub and to `pip install kernels`; a command's logging replaces that by one INFO line, and
+    importing bitsandbytes itself prints no such warning (on any CPU). In a child process: the
+    warning is emitted once per process."""
+    import subprocess
+    import sys
+
+    from deepmlf_fast.cli import _BitsandbytesHubKernelNote
+
+    code = (
+        "import logging\n"
+        "from deepmlf_fast.cli import setup_logging\n"
+        "setup_logging(False)\n"
+        "setup_logging(False)\n"
+        "import bitsandbytes\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning(\n"
+        "    'Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...', 'x')\n"
+        "print('quiet:')\n"
+        "logging.getLogger().setLevel(logging.WARNING)\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning(\n"
+        "    'Failed to load CPU gemm_4bit_forward from kernels-community: %s', 'x')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = proc.stdout + proc.stderr
+    assert "Failed to load" not in out and "pip install kernels" not in out, out
+    loud, quiet = proc.stdout.split("quiet:")
+    assert 1 <= loud.count(_BitsandbytesHubKernelNote.NOTE) <= 2  # ours, and bitsandbytes' own where it warns
+    assert _BitsandbytesHubKernelNote.NOTE not in quiet
