@@ -175,28 +175,11 @@ def time_single(fn: Callable[[], object], device: str) -> Timing:
     return Timing([(time.perf_counter() - t0) * 1e6], "single")
 
 
-def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, reps: int = 10) -> float:
-    """Measured FLOP/s of an `(m, k) @ (k, n)` matrix product on `device` in `dtype` (median of
-    `reps` after warm-up, with the process's current thread count): the machine's own ceiling
-    for a step whose work is products of that shape."""
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * m * k * n / sorted(times)[len(times) // 2]
-
-
-def gemm_rate_over(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float) -> float:
+def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float) -> float:
     """Mean FLOP/s of back-to-back `(m, k) @ (k, n)` products for about `seconds` (after one
-    warm-up product): the rate averaged over the same span of a shared machine's drifting speed
-    as the step it is compared with, which a median of a few ~10 ms products is not."""
+    warm-up product), with the process's current thread count: the machine's own ceiling for a
+    step whose work is products of that shape, averaged over the same span of a shared machine's
+    drifting speed as the step it is compared with (a median of a few ~10 ms products is not)."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     a @ b

@@ -18,7 +18,7 @@ What is measured (after building the model and the batch, and `gc.collect()`):
   the timed steps); the achieved FLOP/s over the median step time, next to the measured rate of
   the step's dominant matrix product (rows x D x FFN width, same dtype and threads) in this
   process, measured again right after every timed step, for as long as it took (at most 3 s;
-  `harness.gemm_rate_over`): `fraction_of_gemm` is the
+  `harness.gemm_rate`): `fraction_of_gemm` is the
   median over steps of each step's FLOP/s over the GEMM rate next to it, the fraction of the
   machine's GEMM rate the whole step reaches even while a shared machine's speed drifts;
 * peak memory of training, warm-up included (so optimizer state, gradients and activations count):
@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import harness  # noqa: E402
-from deepmlf_fast.hardware import keep_freed_memory  # noqa: E402
 import shapes  # noqa: E402
+from deepmlf_fast.hardware import keep_freed_memory  # noqa: E402
 from flops import counted_flops, deepmlf_step_flops  # noqa: E402
 from step_common import (  # noqa: E402
     PROVIDERS,
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         # The GEMM rate right after each step, over as long as the step took (at most 3 s): a
         # shared machine's speed drifts by tens of percent within seconds, so each step is
         # compared with the machine as it was then, averaged alike.
-        gemm_rates.append(harness.gemm_rate_over(*gemm_shape, dtype, args.device, min(times[-1], 3.0)))
+        gemm_rates.append(harness.gemm_rate(*gemm_shape, dtype, args.device, min(times[-1], 3.0)))
 
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 - base_mb
