@@ -6,7 +6,7 @@ on one GPU, batch 32: peak GPU memory and training samples/s.
 
 The model is the MOSEI recipe adapted to the backbone (as `--backbone llama-7b` does), fed
 synthetic MOSEI-shaped batches through the real training stack: `Session` (random-init
-backbone quantized with bitsandbytes), `DeepSpeedEngine` (ZeRO-2 config from
+backbone quantized per --quant, LLM.int8 by default), `DeepSpeedEngine` (ZeRO-2 config from
 configs/deepspeed/), the training step function's forward/loss, the engine's backward/step. Peak memory is
 `torch.cuda.max_memory_allocated` over the timed steps (plus the reserved peak), next to
 `deepmlf estimate-memory`'s total for the same configuration. One JSON record per device
@@ -57,7 +57,7 @@ def run_config(args, data_path: Path, out_dir: Path):
 
     cfg = recipe("mosei-gpt2")
     cfg = adapt_to_backbone(cfg, args.backbone)
-    model = dataclasses.replace(cfg.model, random_init=True, load_in_8bit=args.bits == 8, load_in_4bit=args.bits == 4)
+    model = dataclasses.replace(cfg.model, random_init=True, quant=args.quant)
     optim = dataclasses.replace(cfg.optim, batch_size=args.batch_size, grad_accum=1)
     data = dataclasses.replace(cfg.data, path=str(data_path))
     train = dataclasses.replace(cfg.train, precision=args.precision, deepspeed=str(args.config), output_dir=str(out_dir),
@@ -66,9 +66,11 @@ def run_config(args, data_path: Path, out_dir: Path):
 
 
 def main() -> None:
+    from deepmlf_fast.config import choices
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="llama-7b")
-    p.add_argument("--bits", type=int, choices=[0, 4, 8], default=8, help="backbone quantization (0: none)")
+    p.add_argument("--quant", choices=choices("model.quant"), default="llm-int8", help="backbone quantization")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="bf16",
                    help="backbone weights + autocast (the policy of `deepmlf_fast.hardware`)")
     p.add_argument("--config", type=Path, help="DeepSpeed config (default: configs/deepspeed/zero2.json)")
@@ -132,7 +134,7 @@ def main() -> None:
     record = {
         "device": name,
         "backbone": cfg.model.backbone,
-        "quantization": {0: "none", 4: "nf4", 8: "int8"}[args.bits],
+        "quantization": args.quant,
         "precision": cfg.resolved.precision,
         "precision_reason": cfg.resolved.precision_reason,
         "backend": cfg.resolved.attention_backend,

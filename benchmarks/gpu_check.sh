@@ -12,13 +12,15 @@
 #   xattn        cross-attention microbenchmarks, recorded (--record --bench-device cuda)
 #   sattn        self-attention microbenchmarks, recorded
 #   step         the step parity sanity test, then the whole-step benchmark, recorded
+#   quant        benchmarks/bench_quant.py --device cuda: every --quant method's frozen linear at
+#                Llama-7B's shapes against bf16 and LLM.int8 (FP8 runs as an FP8 GEMM on sm_90+)
 #   mem7b        benchmarks/bench_7b_memory.py with its defaults (Llama-7B random init, LLM.int8,
 #                DeepSpeed ZeRO-2, batch 32): peak memory and samples/s as JSON
 #   table        benchmarks/render.py for this device, then a summary of every section, printed last
 #
 # Time. After the setup (at most 90 s, about 20 expected), every section ends by its milestone, a
 # share of the budget counted from the start:
-#   env 8% | compile 16% | correctness 40% | xattn 51% | sattn 62% | step 73% | mem7b 97% | table 100%
+#   env 8% | compile 16% | correctness 40% | xattn 51% | sattn 62% | step 71% | quant 77% | mem7b 97% | table 100%
 #   (at 480 s: 38 | 77 | 192 | 245 | 298 | 350 | 466 | 480 s)
 # so time an earlier section leaves unused goes to the next one, and no section eats a later one's
 # share. At its limit a section gets SIGINT (pytest stops, prints its summary and records the rows
@@ -62,7 +64,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   DRY_RUN=1
   shift
 fi
-ALL_SECTIONS=(env compile correctness xattn sattn step mem7b table)
+ALL_SECTIONS=(env compile correctness xattn sattn step quant mem7b table)
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL_SECTIONS[@]}")
 for s in "${SECTIONS[@]}"; do
@@ -72,9 +74,9 @@ done
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 GRACE=10  # seconds between a section's SIGINT and its SIGKILL
 SETUP_LIMIT_S=90
-declare -A MILESTONE_PCT=([env]=8 [compile]=16 [correctness]=40 [xattn]=51 [sattn]=62 [step]=73 [mem7b]=97
+declare -A MILESTONE_PCT=([env]=8 [compile]=16 [correctness]=40 [xattn]=51 [sattn]=62 [step]=71 [quant]=77 [mem7b]=97
                           [table]=100)
-declare -A MIN_S=([env]=5 [compile]=20 [correctness]=30 [xattn]=20 [sattn]=30 [step]=40 [mem7b]=80 [table]=5)
+declare -A MIN_S=([env]=5 [compile]=20 [correctness]=30 [xattn]=20 [sattn]=30 [step]=40 [quant]=15 [mem7b]=80 [table]=5)
 # Seconds before its limit a benchmark suite stops starting cases: longer than one case (sattn compiles
 # FlexAttention per shape; a step case is a fresh process that builds its model).
 declare -A BENCH_MARGIN_S=([xattn]=10 [sattn]=20 [step]=45)
@@ -321,6 +323,7 @@ main() {
   want xattn && section xattn "${PYTEST[@]}" "${SEL_xattn[@]}"
   want sattn && section sattn "${PYTEST[@]}" "${SEL_sattn[@]}"
   want step && section step "${PYTEST[@]}" "${SEL_step[@]}"
+  want quant && section quant "${PY[@]}" benchmarks/bench_quant.py --device cuda --reps 5
   want mem7b && section mem7b "${PY[@]}" benchmarks/bench_7b_memory.py
   want table && table_section
   bundle

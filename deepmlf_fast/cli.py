@@ -61,8 +61,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--av-length-masks", action="store_true", help="use per-sample AV lengths (masks)")
     g.add_argument("--recompute-lm-blocks", action="store_true",
                    help="activation checkpointing of the frozen LM blocks (less memory, ~15%% more time)")
-    g.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen backbone to LLM.int8")
-    g.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen backbone to NF4")
+    g.add_argument("--quant", choices=choices("model.quant"),
+                   help="8-bit/4-bit frozen backbone linears: int8-weight-only (int8 weights, dense GEMM; the "
+                        "fastest 8-bit measured on CPU), fp8 (e4m3; an FP8 GEMM on sm_90+ GPUs), llm-int8, nf4 "
+                        "(bitsandbytes)")
+    g.add_argument("--load-in-8bit", action="store_true", help="same as --quant llm-int8")
+    g.add_argument("--load-in-4bit", action="store_true", help="same as --quant nf4")
     g.add_argument("--random-init", action="store_true", help="backbone architecture with random weights")
     g.add_argument("--skip-nonfinite", type=int, metavar="N",
                    help="skip up to N optimiser steps whose loss or gradient is NaN/inf (logged) instead of "
@@ -92,17 +96,18 @@ OVERRIDES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("device", ("train.device",)),
     ("backend", ("train.backend",)),
     ("deepspeed", ("train.deepspeed",)),
+    ("quant", ("model.quant",)),
     ("seeds", ("train.seeds",)),
     ("skip_nonfinite", ("train.skip_nonfinite",)),
     ("output_dir", ("train.output_dir",)),
 )
 """`deepmlf train` option (argparse dest) -> the configuration fields it sets, when given."""
 
-SWITCHES: tuple[tuple[str, str, bool], ...] = (
+SWITCHES: tuple[tuple[str, str, object], ...] = (
     ("av_length_masks", "model.av.length_masks", True),
     ("recompute_lm_blocks", "model.recompute_lm_blocks", True),
-    ("load_in_8bit", "model.load_in_8bit", True),
-    ("load_in_4bit", "model.load_in_4bit", True),
+    ("load_in_8bit", "model.quant", "llm-int8"),
+    ("load_in_4bit", "model.quant", "nf4"),
     ("random_init", "model.random_init", True),
     ("tf32", "train.tf32", True),
     ("no_pretrain", "pretrain.enabled", False),
@@ -144,6 +149,11 @@ def run_config_from_args(args: argparse.Namespace):
             if dest == "mm_layers":
                 value = parse_value(paths[0], value)
             changes.update({path: value for path in paths})
+    quant = {flag: value for flag, value in (("--quant", args.quant), ("--load-in-8bit", args.load_in_8bit and "llm-int8"),
+                                             ("--load-in-4bit", args.load_in_4bit and "nf4")) if value}
+    if len(set(quant.values())) > 1:
+        raise ConfigError("model.quant: expected one quantization, found "
+                          + " and ".join(f"{flag} ({value})" for flag, value in quant.items()))
     changes.update({path: value for dest, path, value in SWITCHES if getattr(args, dest)})
     for item in args.set:
         path, sep, text = item.partition("=")
@@ -156,17 +166,17 @@ def run_config_from_args(args: argparse.Namespace):
 def cmd_train(args) -> int:
     from deepmlf_fast.report import report_after_training
     from deepmlf_fast.train import distributed
-    from deepmlf_fast.train.run import train_run
+    from deepmlf_fast.train.run import run_training
     from deepmlf_fast.train.rundir import RunDir
 
     cfg = run_config_from_args(args)
-    train_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    _, session = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     writer = distributed.is_main()  # read before leaving the process group, after which every rank is "0"
     if writer:
         print(f"results: {RunDir(cfg.train.output_dir).results}")
     distributed.shutdown()
     if writer and not getattr(args, "no_report", False):  # train.py's parser has no --no-report
-        report = report_after_training(cfg.train.output_dir, cfg.train.device)
+        report = report_after_training(cfg.train.output_dir, cfg.train.device, session=session)
         if report is not None:
             print(f"report: {report} (and report.html)")
     return 0

@@ -33,6 +33,8 @@ from deepmlf_fast.ops.gate import GATES
 GateKind = Literal[GATES]
 AttentionBackend = Literal[BACKENDS]
 PrecisionName = Literal["fp32", "bf16"]
+QuantName = Literal["none", "llm-int8", "nf4", "int8-weight-only", "fp8"]
+"""`--quant` methods for the frozen backbone's decoder linears (`backbones.quantize`)."""
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,8 @@ class ModelConfig:
     recompute_lm_blocks: bool = False
     """Activation checkpointing of the frozen LM blocks that run with autograd: keep only
     each block's input and recompute the block in backward (less memory, ~15% more time)."""
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
+    quant: QuantName = "none"
+    """Quantization of the frozen backbone's decoder linears (`backbones.quantize`)."""
     random_init: bool = False
     """Build the backbone architecture with random weights (smoke tests, benchmarks)."""
 
@@ -333,8 +335,20 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         """Rebuild a config from `to_dict`'s output; unknown fields are an error, `resolved` is dropped."""
-        cfg = _from_dict(cls, d, "config")
+        cfg = _from_dict(cls, _upgraded(d), "config")
         return dataclasses.replace(cfg, resolved=Resolved())
+
+
+def _upgraded(d: dict[str, Any]) -> dict[str, Any]:
+    """A config written before `model.quant` existed: its `load_in_8bit` / `load_in_4bit`
+    become the method they chose, so older runs still resume and report."""
+    model = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(model, dict) or not {"load_in_8bit", "load_in_4bit"} & set(model):
+        return d
+    model = dict(model)
+    eight, four = model.pop("load_in_8bit", False), model.pop("load_in_4bit", False)
+    model.setdefault("quant", "llm-int8" if eight else "nf4" if four else "none")
+    return {**d, "model": model}
 
 
 def _from_dict(cls, d: Any, where: str):
@@ -521,8 +535,6 @@ def _model_rules(m: ModelConfig, where: str) -> None:
     """Cross-field rules of a model configuration; `where` prefixes the field names."""
     if m.av.d_model % m.av.n_heads:
         raise ConfigError(f"{where}av.n_heads: expected a divisor of av.d_model {m.av.d_model}, found {m.av.n_heads}")
-    if m.load_in_8bit and m.load_in_4bit:
-        raise ConfigError(f"{where}load_in_8bit / load_in_4bit: expected at most one, found both")
     if not (isinstance(m.fusion.mm_layers, tuple) and m.fusion.mm_layers
             and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in m.fusion.mm_layers)):
         raise ConfigError(f"{where}fusion.mm_layers: expected a non-empty list of block indices >= 0, found "

@@ -38,6 +38,7 @@ from deepmlf_fast.config import PrecisionName, Resolved, RunConfig
 from deepmlf_fast.errors import ConfigError, DeepMLFError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
 from deepmlf_fast.ops.dispatch import resolve_backend, triton_available
+from deepmlf_fast.ops.selfcheck import last_result
 
 log = logging.getLogger(__name__)
 
@@ -292,16 +293,14 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
 
 def resolve_run(cfg: RunConfig, device: torch.device) -> Resolved:
     """Every hardware-dependent decision of a run on `device`, logged and returned for
-    `RunConfig.resolved`; also applies the process-wide settings: TF32, and on a CPU
-    `keep_freed_memory`."""
+    `RunConfig.resolved`; also applies the process-wide TF32 setting (a CPU run's
+    `keep_freed_memory` comes once its model is built: `train.run.Session`)."""
     facts = device_facts(device)
     precision = resolve_precision(cfg.train.precision, cfg.train.recipe_precision, facts)
     evaluation = eval_precision(precision, cfg.model.flags.eval_precision == "bf16", facts)
     if cfg.train.tf32 and device.type != "cuda":
         log.info("--tf32 has no effect on %s", device)
     set_tf32(cfg.train.tf32)
-    if device.type == "cpu":
-        keep_freed_memory()
     try:
         backend = resolve_backend(cfg.train.backend, device)
     except RuntimeError as exc:  # 'triton' where it cannot run: a user's choice, so one line
@@ -354,6 +353,7 @@ def environment_report(device: str = "auto", recipe_precision: str = "bf16") -> 
         "auto_precision": {"recipe_bf16": auto.name, "reason": auto.reason, "recipe_fp32": "fp32"},
         "auto_attention_backend": resolve_backend("auto", dev),
         "tf32_default": "off (--tf32 turns it on for CUDA fp32 runs)",
+        "kernel_selfcheck": last_result(),
     }
 
 
@@ -373,4 +373,11 @@ def format_report(report: dict) -> str:
         f"auto attention  {report['auto_attention_backend']}",
         f"TF32            {report['tf32_default']}",
     ]
+    check = report["kernel_selfcheck"]
+    if check is None:
+        lines.append("kernel check    none yet (the Triton kernels check themselves on a GPU's first use)")
+    else:
+        verdicts = ", ".join(f"{family} {'ok' if err is None else 'FAILED (' + err + ')'}"
+                             for family, err in check["verdicts"].items())
+        lines.append(f"kernel check    {check['time']}, {check['device']}: {verdicts}")
     return "\n".join(lines)

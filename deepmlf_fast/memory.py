@@ -35,7 +35,7 @@ class ParamCounts:
     """Exact parameter counts of a DeepMLF model (numbers of elements)."""
 
     quantizable: int
-    """Backbone decoder linear weights (what --load-in-8bit/4bit quantize)."""
+    """Backbone decoder linear weights (what --quant quantizes)."""
     quantizable_rows: int
     """Their output features in total (LLM.int8 keeps one float32 scale per row)."""
     backbone_other: int
@@ -86,22 +86,41 @@ class Line:
 
 @dataclass
 class MemoryEstimate:
-    """GPU lines (summed into `total`), host-RAM lines (optimizer offload) and assumptions."""
+    """GPU lines of training (summed), the build's transient line (before training: it adds to
+    the frozen backbone's lines only), host-RAM lines (optimizer offload) and assumptions."""
 
     gpu: list[Line]
     host: list[Line]
     assumptions: list[str]
     title: str
+    build: Line | None = None
+
+    @property
+    def training(self) -> float:
+        return sum(line.bytes for line in self.gpu)
+
+    @property
+    def building(self) -> float:
+        """Peak while the backbone is built: its final lines plus the build's transient."""
+        if self.build is None:
+            return 0.0
+        return sum(line.bytes for line in self.gpu if line.name.startswith("frozen backbone")) + self.build.bytes
 
     @property
     def total(self) -> float:
-        return sum(line.bytes for line in self.gpu)
+        """The run's peak: training's or building's, whichever is larger."""
+        return max(self.training, self.building)
 
     def format(self) -> str:
         """The table `deepmlf estimate-memory` prints."""
-        width = max(len(line.name) for line in self.gpu + self.host) + 2
+        extra = [self.build] if self.build is not None else []
+        width = max(len(line.name) for line in self.gpu + self.host + extra) + 2
         out = [self.title, "", f"{'per GPU':{width}s}{'GiB':>8s}  how"]
         out += [f"{line.name:{width}s}{line.bytes / GIB:8.2f}  {line.detail}" for line in self.gpu]
+        if self.build is not None:
+            out.append(f"{'training':{width}s}{self.training / GIB:8.2f}  the lines above")
+            out.append(f"{self.build.name:{width}s}{self.build.bytes / GIB:8.2f}  {self.build.detail}")
+            out.append(f"{'building':{width}s}{self.building / GIB:8.2f}  frozen backbone lines + build transient")
         out.append(f"{'total (estimate)':{width}s}{self.total / GIB:8.2f}")
         if self.host:
             out += ["", f"{'host RAM per rank':{width}s}{'GiB':>8s}"]
@@ -142,11 +161,11 @@ def estimate_memory(
 
     gpu: list[Line] = []
     host: list[Line] = []
-    quant = "int8" if m.load_in_8bit else "nf4" if m.load_in_4bit else backbone_dtype
-    if m.load_in_8bit:
+    quant = backbone_dtype if m.quant == "none" else m.quant
+    if m.quant in ("llm-int8", "int8-weight-only", "fp8"):
         qbytes = counts.quantizable + 4 * counts.quantizable_rows
-        qhow = "int8 weights + one float32 scale per row"
-    elif m.load_in_4bit:
+        qhow = f"{'int8' if m.quant != 'fp8' else 'e4m3'} weights + one float32 scale per row"
+    elif m.quant == "nf4":
         qbytes = counts.quantizable * (0.5 + 1 / 64 + 4 / (64 * 256))
         qhow = "NF4 (0.5 B) + double-quantized absmax per 64-block"
     else:
@@ -157,6 +176,10 @@ def estimate_memory(
                     f"{counts.backbone_other / 1e6:.0f}M params in {backbone_dtype}"))
     gpu.append(Line("trained parameters", shard(p * pbytes, stage == 3),
                     f"{counts.trained / 1e6:.1f}M params x {pbytes} B" + (f" / {world} (ZeRO-3)" if stage == 3 else "")))
+    if bf16:  # autocast keeps the bf16 cast of every trained weight it used until the forward ends
+        cached = 2 * counts.mm_block * 2 if stage == 3 else counts.trained * 2
+        gpu.append(Line("bf16 weight copies (autocast cache)", cached,
+                        "the gathered MM blocks' weights x 2 B (ZeRO-3)" if stage == 3 else "trained params x 2 B"))
     gpu.append(Line("gradients", shard(counts.trained * pbytes, stage >= 2),
                     f"{pbytes} B/param" + (f" / {world} (ZeRO-{stage})" if stage >= 2 else ", every rank")))
     # ZeRO-1/2 clone their partition of the weights as the optimizer's fp32 master copy
@@ -174,7 +197,8 @@ def estimate_memory(
                         "the block in use + the prefetched one, full size"))
 
     gpu.extend(_activations(cfg, c, o.batch_size, text_tokens or m.text.max_tokens, act, mm_act))
-    lin = "LLM.int8" if m.load_in_8bit else "NF4" if m.load_in_4bit else "dense"
+    lin = {"none": "dense", "llm-int8": "LLM.int8", "nf4": "NF4", "int8-weight-only": "int8 weight-only",
+           "fp8": "FP8 weight-only"}[m.quant]
     assumptions = [
         f"{world} GPU{'s' * (world > 1)}, DeepSpeed ZeRO-{stage}{' with CPU optimizer offload' if offload else ''}; "
         f"the frozen backbone is never handed to ZeRO, so it is replicated at every stage",
@@ -189,12 +213,29 @@ def estimate_memory(
         + ("; the other backbone blocks are recomputed in backward (--recompute-lm-blocks)" if m.recompute_lm_blocks
            else ""),
         "attention saves q, k, v, o and log-sum-exp (FlashAttention-style kernels); the CPU reference path saves padded copies",
-        "not included: CUDA context and allocator reserve (~0.5-2 GiB), the data batch, kernel workspaces; "
-        "the total adds the transient lines to the rest (an upper bound: they do not all peak together)",
+        "not included: CUDA context and allocator reserve (~0.5-2 GiB; on CPU, the Python and torch runtime, "
+        "~0.5 GiB), the data batch, kernel workspaces; training adds its transient lines to the rest (an upper "
+        "bound: they do not all peak together); the total is the larger of training and building",
     ]
     title = (f"deepmlf estimate-memory: {m.backbone} ({quant}), DeepMLF with {len(m.fusion.mm_layers)} MM blocks, "
              f"{counts.trained / 1e6:.1f}M trained params, batch {o.batch_size}/GPU, ZeRO-{stage}, {world} GPU(s)")
-    return MemoryEstimate(gpu=gpu, host=host, assumptions=assumptions, title=title)
+    build = _build_line(counts, lm_bytes, backbone_dtype) if m.quant != "none" else None
+    return MemoryEstimate(gpu=gpu, host=host, assumptions=assumptions, title=title, build=build)
+
+
+def _build_line(counts: ParamCounts, lm_bytes: int, dtype: str) -> Line:
+    """What building the backbone holds besides its final weights (before training starts, so it
+    never meets the activations): a quantized backbone is built one decoder layer at a time
+    (`backbones.stream`), each layer dense in the backbone dtype until it is quantized, plus the
+    float32 working copy of the linear being quantized."""
+    c = counts.lm_config
+    layers = c.num_hidden_layers
+    inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+    layer = counts.quantizable / layers * lm_bytes
+    working = 4 * c.hidden_size * inner
+    return Line("backbone build (transient)", layer + working,
+                f"one dense decoder layer ({counts.quantizable / layers / 1e6:.0f}M params in {dtype}) + the float32 "
+                f"copy of its largest linear being quantized; before training")
 
 
 def _activations(cfg: RunConfig, c, batch: int, text_len: int, act: int, mm_act: int) -> list[Line]:
@@ -264,7 +305,7 @@ def readme_table() -> str:
     from deepmlf_fast.presets import adapt_to_backbone, recipe
 
     base = apply_overrides(adapt_to_backbone(recipe("mosei-gpt2"), "llama-7b"),
-                           {"model.load_in_8bit": True, "optim.batch_size": 32})
+                           {"model.quant": "llm-int8", "optim.batch_size": 32})
     counts = count_parameters(base)
     lines = ["| precision | activations | total estimate |", "|---|---|---|"]
     for precision, activations, overrides, zero, gpus in README_SETTINGS:

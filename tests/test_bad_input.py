@@ -90,7 +90,7 @@ TRAIN_CASES = [
     ("av-heads-not-dividing", lambda d, t: ["--set", "av.n_heads=7"], ["av.n_heads", "30", "7"]),
     ("cuda-without-gpu", lambda d, t: ["--device", "cuda"], ["train.device", "cuda"]),
     ("unknown-device", lambda d, t: ["--device", "tpu"], ["train.device", "tpu"]),
-    ("8bit-and-4bit", lambda d, t: ["--load-in-8bit", "--load-in-4bit"], ["load_in_8bit", "load_in_4bit", "both"]),
+    ("8bit-and-4bit", lambda d, t: ["--load-in-8bit", "--load-in-4bit"], ["model.quant", "--load-in-8bit", "--load-in-4bit"]),
     ("deepspeed-config-missing", lambda d, t: ["--deepspeed", str(t / "zero9.json")], ["zero9.json", "does not exist"]),
     ("deepspeed-config-not-json", lambda d, t: ["--deepspeed", _write(t, "ds.json", "{stage: 2")], ["ds.json", "JSON"]),
     ("deepspeed-contradicts-run", lambda d, t: ["--deepspeed", _write(t, "ds.json", '{"gradient_clipping": 0.5}')],

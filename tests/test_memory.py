@@ -82,7 +82,7 @@ def test_zero_stages_and_offload_shard_what_they_should(tiny_counts):
     assert "Adam moments" not in gpu and host["Adam moments"] == 2 * p
     # The frozen backbone is replicated whatever the stage.
     assert z0["frozen backbone: decoder linears"] == z3["frozen backbone: decoder linears"]
-    int8 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, load_in_8bit=True))
+    int8 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="llm-int8"))
     q = {line.name: line.bytes for line in estimate_memory(int8, counts=tiny_counts).gpu}
     assert q["frozen backbone: decoder linears"] == tiny_counts.quantizable + 4 * tiny_counts.quantizable_rows
 
@@ -103,9 +103,18 @@ def test_cli_prints_the_llama_7b_table(capsys):
     assert "ZeRO-2" in out and "assumptions:" in out
     total = float(next(line for line in out.splitlines() if line.startswith("total (estimate)")).split()[2])
     lines = {line.split("  ")[0]: line for line in out.splitlines()}
-    assert total == pytest.approx(sum(float(lines[k][len(k):].split()[0]) for k in lines
-                                      if k.startswith(("frozen", "trained", "gradients", "fp32", "Adam", "ZeRO",
-                                                       "activations", "causal", "backward"))), abs=0.05)
+
+    def gib(*prefixes):
+        return sum(float(lines[k][len(k):].split()[0]) for k in lines if k.startswith(prefixes))
+
+    training = gib("frozen", "trained", "gradients", "fp32", "Adam", "ZeRO", "activations", "causal", "backward",
+                   "bf16 weight")
+    assert gib("training") == pytest.approx(training, abs=0.05)
+    # Built one layer at a time: the backbone's lines plus one dense layer and a float32 working copy.
+    layer = (4 * 4096 * 4096 + 3 * 4096 * 11008) * 4 + 4 * 4096 * 11008
+    assert gib("backbone build") == pytest.approx(layer / 2**30, abs=0.01)
+    assert gib("building") == pytest.approx(gib("frozen") + gib("backbone build"), abs=0.02)
+    assert total == pytest.approx(max(training, gib("building")), abs=0.05)
 
 
 def test_llama_7b_parameter_lines_equal_a_formula_from_the_architecture():
@@ -116,7 +125,7 @@ def test_llama_7b_parameter_lines_equal_a_formula_from_the_architecture():
     from deepmlf_fast.presets import adapt_to_backbone, recipe
 
     cfg = apply_overrides(adapt_to_backbone(recipe("mosei-gpt2"), "llama-7b"),
-                          {"model.load_in_8bit": True, "optim.batch_size": 32, "train.precision": "bf16"})
+                          {"model.quant": "llm-int8", "optim.batch_size": 32, "train.precision": "bf16"})
     d, ffn, blocks, vocab, dav = 4096, 11008, 32, 32000, 30
     linears = blocks * (4 * d * d + 3 * d * ffn)
     rows = blocks * (4 * d + 2 * ffn + d)  # q, k, v, o outputs; gate, up outputs; down output

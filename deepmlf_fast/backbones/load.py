@@ -110,22 +110,24 @@ def load_backbone(
     name_or_path: str,
     *,
     dtype: torch.dtype = torch.float32,
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
+    quant: str = "none",
     random_init: bool = False,
     device: str | torch.device | None = None,
 ) -> LoadedBackbone:
     """Load a frozen causal LM and its tokenizer.
 
-    The model uses `attn_implementation="deepmlf"` and has every parameter frozen.
-    `load_in_8bit` / `load_in_4bit` quantize the decoder with bitsandbytes; `random_init`
-    builds the architecture with random weights (the preset's dimensions, or the local
-    config when present).
+    The model uses `attn_implementation="deepmlf"` and has every parameter frozen. `quant`
+    names a `--quant` method of `backbones.quantize` for the decoder's linears ("none" keeps
+    them dense). `random_init` builds the architecture with random weights (the preset's
+    dimensions, or the local config when present). Random weights, and a safetensors
+    checkpoint quantized weight-only, are built one decoder layer at a time
+    (`backbones.stream`): peak memory is the final footprint plus one dense layer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if load_in_8bit and load_in_4bit:
-        raise BackboneError("load_in_8bit and load_in_4bit are mutually exclusive; choose one")
+    from deepmlf_fast.backbones.quantize import WeightOnlyConfig, quantization_config, quantize_linear_layers
+    from deepmlf_fast.backbones.stream import build_streamed, safetensors_files
+
     resolved = resolve_backbone(name_or_path, random_init=random_init)
     attn = hf_attention.register()
     if resolved.path is not None:
@@ -134,36 +136,34 @@ def load_backbone(
         tokenizer = offline_tokenizer(resolved.preset.tokenizer_family)
     pad_id = pad_token_id(tokenizer)
 
-    quant = _quantization_config(load_in_8bit, load_in_4bit, dtype)
-    if random_init:
-        if resolved.path is not None:
-            config = AutoConfig.from_pretrained(resolved.path, local_files_only=True)
-        else:
-            kwargs = dict(resolved.preset.config)
-            kwargs["vocab_size"] = len(tokenizer)  # the offline tokenizer stands in for the missing one
-            config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-        config._attn_implementation = attn
-        # A fixed seed: every rank of a distributed run, and every rerun, builds the same weights.
-        with torch.random.fork_rng(), torch.device(device or "cpu"):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if quant is not None:
-            from deepmlf_fast.backbones.quantize import quantize_linear_layers
-
-            quantize_linear_layers(model, quant, device=device)
+    qconfig = quantization_config(quant, dtype)
+    device = torch.device(device or "cpu")
+    if resolved.path is not None:
+        config = AutoConfig.from_pretrained(resolved.path, local_files_only=True)
+    else:
+        kwargs = dict(resolved.preset.config)
+        kwargs["vocab_size"] = len(tokenizer)  # the offline tokenizer stands in for the missing one
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    config._attn_implementation = attn
+    spec = arch_for(config.model_type)
+    weight_only = isinstance(qconfig, WeightOnlyConfig)
+    if random_init or weight_only and safetensors_files(resolved.path) is not None:
+        model = build_streamed(config, spec, dtype, device, qconfig, checkpoint=None if random_init else resolved.path)
     else:
         kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=attn)
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-            kwargs["device_map"] = {"": device or "cpu"}
+        if qconfig is not None and not weight_only:  # bitsandbytes: transformers quantizes while loading
+            kwargs["quantization_config"] = qconfig
+            kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-        if quant is None and device is not None:
+        if qconfig is None or weight_only:
             model.to(device)
+        if weight_only:  # a .bin checkpoint: loaded dense, then quantized
+            quantize_linear_layers(model, qconfig, device=device)
     model.requires_grad_(False)
     fuse_elementwise(model)
-    spec = arch_for(model.config.model_type)
-    log.info("loaded backbone %s (%s, %d layers, width %d, %s)", resolved.name, model.config.model_type,
-             model.config.num_hidden_layers, model.config.hidden_size, str(dtype).replace("torch.", ""))
+    log.info("loaded backbone %s (%s, %d layers, width %d, %s%s)", resolved.name, model.config.model_type,
+             model.config.num_hidden_layers, model.config.hidden_size, str(dtype).replace("torch.", ""),
+             "" if quant == "none" else f", {quant}")
     return LoadedBackbone(model, tokenizer, spec, pad_id, resolved.name)
 
 
@@ -191,22 +191,3 @@ def unfuse_elementwise(swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]]
     """Put back the modules `fuse_elementwise` replaced."""
     for parent, name, original in swaps:
         setattr(parent, name, original)
-
-
-def _quantization_config(load_in_8bit: bool, load_in_4bit: bool, dtype: torch.dtype):
-    if not (load_in_8bit or load_in_4bit):
-        return None
-    try:
-        from transformers import BitsAndBytesConfig
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise BackboneError(
-            "--load-in-8bit/--load-in-4bit need bitsandbytes: pip install 'deepmlf-fast[quant]'"
-        ) from None
-    if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    storage = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage,
-    )

@@ -1,42 +1,117 @@
-"""Quantize an already built model's linear layers with bitsandbytes.
+"""Quantize a frozen backbone's decoder linears: the `--quant` methods.
 
-Checkpoints are quantized while loading, through transformers' `BitsAndBytesConfig`.
-A `--random-init` backbone has no checkpoint to load, so its random weights are
-quantized here instead, with the same rules as transformers' bitsandbytes integration:
-every `nn.Linear` (and GPT-2 `Conv1D`) of the decoder becomes a `Linear8bitLt` /
-`Linear4bit` holding the same weights; the output embedding (`lm_head`), the input
-embeddings, norms and any module named in `llm_int8_skip_modules` stay as they are.
+| method | weights | product | from |
+|---|---|---|---|
+| `llm-int8` | int8 + fp32 row scale, outlier columns in 16-bit | bitsandbytes `Linear8bitLt` | LLM.int8 |
+| `nf4` | 4-bit NormalFloat, double-quantized block absmax | bitsandbytes `Linear4bit` | QLoRA |
+| `int8-weight-only` | int8 + fp32 row scale | dense GEMM on dequantized blocks | `layers.WeightOnlyLinear` |
+| `fp8` | e4m3 + fp32 row scale | FP8 GEMM (CUDA sm_90+), else as above | `layers.WeightOnlyLinear` |
+
+Checkpoints loaded with a bitsandbytes method are quantized while loading, through
+transformers' `BitsAndBytesConfig`; every other build (random weights, the weight-only
+methods) quantizes here, one decoder layer at a time, with transformers' rules: every
+`nn.Linear` (and GPT-2 `Conv1D`) of the decoder is replaced; the output embedding
+(`lm_head`), the input embeddings, norms and any module named in `skip_modules` /
+`llm_int8_skip_modules` stay as they are.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
+from deepmlf_fast.config import choices
+from deepmlf_fast.errors import BackboneError
+from deepmlf_fast.layers.weight_only import WeightOnlyLinear
 
-def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.device | None = None) -> nn.Module:
-    """Replace `model`'s decoder linears, in place, by bitsandbytes layers on `device`.
+WEIGHT_ONLY = {"int8-weight-only": "int8", "fp8": "fp8"}
+"""`--quant` method (`config.QuantName`) -> `WeightOnlyLinear` format."""
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """A weight-only method: `fmt` of `ops.weight_only.FORMATS`, modules left dense by name."""
+
+    fmt: str
+    skip_modules: tuple[str, ...] = ()
+
+
+def quantization_config(method: str, dtype: torch.dtype):
+    """`--quant` method -> its configuration: None for "none", a `WeightOnlyConfig`, or a
+    `transformers.BitsAndBytesConfig` (bitsandbytes must be installed)."""
+    known = choices("model.quant")
+    if method not in known:
+        raise BackboneError(f"model.quant: expected one of {list(known)}, found {method!r}")
+    if method == "none":
+        return None
+    if method in WEIGHT_ONLY:
+        return WeightOnlyConfig(WEIGHT_ONLY[method])
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BackboneError(
+            f"model.quant: {method!r} needs bitsandbytes (pip install 'deepmlf-fast[quant]'); "
+            f"'int8-weight-only' and 'fp8' need nothing beyond torch"
+        ) from None
+    if method == "llm-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage,
+    )
+
+
+def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.device | None = None,
+                           prepared: dict[str, nn.Module] | None = None) -> nn.Module:
+    """Replace `model`'s decoder linears, in place, by quantized layers on `device`.
 
     Args:
-        model: a transformers causal LM (weights in any float dtype, on any device).
-        quant_config: a `transformers.BitsAndBytesConfig` with `load_in_8bit` or `load_in_4bit`.
+        model: a transformers causal LM, or one of its decoder layers (weights in any float dtype).
+        quant_config: a `WeightOnlyConfig` or a `transformers.BitsAndBytesConfig` with
+            `load_in_8bit` or `load_in_4bit`.
         device: where the quantized layers live (default CPU). Layers are converted one at
             a time, so peak memory is the model plus one layer's dense copy.
+        prepared: `prepare_weight_only`'s empty layers for these linears, to fill instead of
+            allocating new ones.
     Returns:
-        `model`, with `Linear8bitLt` (LLM.int8: int8 weights, fp32 row scales, outlier
-        threshold `llm_int8_threshold`) or `Linear4bit` (NF4/FP4, block size 64, optional
-        double quantization, `bnb_4bit_quant_storage` element type) layers. Frozen.
+        `model`, with `WeightOnlyLinear`, `Linear8bitLt` (LLM.int8: int8 weights, fp32 row
+        scales, outlier threshold `llm_int8_threshold`) or `Linear4bit` (NF4/FP4, block size 64,
+        optional double quantization, `bnb_4bit_quant_storage` element type) layers. Frozen.
     """
     device = torch.device(device or "cpu")
-    skip = set(getattr(quant_config, "llm_int8_skip_modules", None) or [])
+    skip = set(getattr(quant_config, "skip_modules", None) or getattr(quant_config, "llm_int8_skip_modules", None)
+               or [])
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Names first, modules fetched one at a time: each replaced dense layer is freed at once.
-    names = [n for n, m in model.named_modules() if m is not output and _is_linear(m) and not _skipped(n, skip)]
+    names = _quantizable(model, skip, output)
     for name in names:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quantized(model.get_submodule(name), quant_config, device))
+        dense = model.get_submodule(name)
+        quantized = prepared[name].quantize_from(dense) if prepared else _quantized(dense, quant_config, device)
+        setattr(model.get_submodule(parent), child, quantized)
     model.requires_grad_(False)
     return model
+
+
+def prepare_weight_only(module: nn.Module, quant_config: WeightOnlyConfig, device: torch.device) -> dict[str, nn.Module]:
+    """Empty `WeightOnlyLinear`s, allocated now on `device`, for the linears `quantize_linear_layers`
+    would replace in `module` (which may still be on the meta device): `{name: layer}`.
+
+    Allocating a layer's 8-bit storage before its dense weights keeps the heap from fragmenting
+    when a model is built layer by layer: each dense layer is then the newest allocation and its
+    space, freed, is reused whole by the next one (glibc keeps freed memory once
+    `hardware.keep_freed_memory` ran; without this order the build's peak crept up by a layer
+    every ten or so)."""
+    return {name: WeightOnlyLinear.empty_like(module.get_submodule(name), quant_config.fmt, device)
+            for name in _quantizable(module, set(quant_config.skip_modules), None)}
+
+
+def _quantizable(model: nn.Module, skip: set[str], output: nn.Module | None) -> list[str]:
+    return [n for n, m in model.named_modules() if m is not output and _is_linear(m) and not _skipped(n, skip)]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -48,6 +123,8 @@ def _skipped(name: str, skip: set[str]) -> bool:
 
 
 def _quantized(module: nn.Module, quant_config, device: torch.device) -> nn.Module:
+    if isinstance(quant_config, WeightOnlyConfig):
+        return WeightOnlyLinear.empty_like(module, quant_config.fmt, device).quantize_from(module)
     import bitsandbytes as bnb
 
     weight = module.weight.detach()

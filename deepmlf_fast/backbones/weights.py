@@ -1,7 +1,8 @@
 """Dense copies of a frozen backbone's weights, whatever their storage.
 
 MM-block FFNs start as copies of the wrapped LM block's FFN; that block may be an
-`nn.Linear`, an HF `Conv1D` (GPT-2, (in, out) layout), a bitsandbytes 8-bit/4-bit layer,
+`nn.Linear`, an HF `Conv1D` (GPT-2, (in, out) layout), a bitsandbytes 8-bit/4-bit layer, a
+`WeightOnlyLinear` (int8 / FP8),
 or any of those wrapped by a peft LoRA adapter (the adapter's delta is added, as merging it
 would). `dense_linear` returns `(weight (out, in), bias (out,) or None)` in float32.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from deepmlf_fast.layers.weight_only import WeightOnlyLinear
 
 
 def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -27,6 +30,8 @@ def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     kind = type(module).__name__
     if kind == "Conv1D":
         return module.weight.detach().float().t().contiguous(), bias
+    if isinstance(module, WeightOnlyLinear):
+        return module.dequantized(torch.float32), bias
     if kind == "Linear8bitLt":
         return _dequantize_int8(module.weight), bias
     if kind in ("Linear4bit", "LinearNF4", "LinearFP4"):

@@ -32,8 +32,8 @@ def build_deepmlf(
         backend: attention ops' backend ("auto", "triton", "reference").
     """
     if backbone is None:
-        backbone = load_backbone(cfg.backbone, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
-                                 load_in_4bit=cfg.load_in_4bit, random_init=cfg.random_init, device=device)
+        backbone = load_backbone(cfg.backbone, dtype=dtype, quant=cfg.quant, random_init=cfg.random_init,
+                                 device=device)
     model = DeepMLF(cfg, backbone.lm, backbone.spec, backbone.pad_id, init_seed=init_seed)
     model.set_backend(backend)
     return model, backbone

@@ -64,7 +64,7 @@ def varlen_attention(
         `(Nq, Hq, d)` attention output in q's dtype.
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
-    if resolve_backend(backend, q) == "triton":
+    if resolve_backend(backend, q, ("attention",)) == "triton":
         from deepmlf_kernels.attention import varlen_attention_triton
 
         if torch.is_autocast_enabled(q.device.type):

@@ -97,7 +97,7 @@ def gated_cross_attention(
         n_heads=n_heads, norm=norm, norm_eps=norm_eps, gate=gate, scale=scale, av_lengths=av_lengths,
         dropout_p=dropout_p, resid_dropout_p=resid_dropout_p, form=form,
     )
-    if resolve_backend(backend, x) == "triton":
+    if resolve_backend(backend, x, ("attention", "gated_linear")) == "triton":
         return gated_cross_attention_triton(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, **kwargs)
     return gated_cross_attention_reference(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, **kwargs)
 

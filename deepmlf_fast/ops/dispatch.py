@@ -35,12 +35,15 @@ def kernel_dtype(t: torch.Tensor, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else default
 
 
-def resolve_backend(backend: str, where: torch.Tensor | torch.device | str) -> str:
+def resolve_backend(backend: str, where: torch.Tensor | torch.device | str, families: tuple[str, ...] = ()) -> str:
     """Map 'auto' | 'triton' | 'reference' to the backend that will run for tensors on `where`
     (a tensor, or a device: what a run records before it has tensors).
 
     'auto' picks Triton for CUDA tensors when Triton is installed, else the reference.
     'triton' on CPU tensors is only valid under `TRITON_INTERPRET=1` (tests).
+    `families`: the kernel families (`selfcheck.FAMILIES`) the op would launch; Triton then
+    also needs each one's first-contact self-check on the device to pass (`selfcheck.gate`:
+    'auto' falls back to the reference with a warning, 'triton' raises).
     """
     import torch
 
@@ -49,8 +52,10 @@ def resolve_backend(backend: str, where: torch.Tensor | torch.device | str) -> s
     if backend == "reference":
         return "reference"
     is_cuda = where.is_cuda if isinstance(where, torch.Tensor) else torch.device(where).type == "cuda"
+    if backend == "auto" and not (is_cuda and triton_available()):
+        return "reference"
     if backend == "auto":
-        return "triton" if is_cuda and triton_available() else "reference"
+        return _checked(backend, where, families)
     if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package (pip install deepmlf-fast[triton])")
     if not is_cuda and not triton_interpreted():
@@ -58,4 +63,14 @@ def resolve_backend(backend: str, where: torch.Tensor | torch.device | str) -> s
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before deepmlf_kernels "
             "is imported; use backend='reference' or 'auto' on CPU"
         )
-    return "triton"
+    return _checked(backend, where, families)
+
+
+def _checked(backend: str, where, families: tuple[str, ...]) -> str:
+    import torch
+
+    if not families:
+        return "triton"
+    from deepmlf_fast.ops.selfcheck import gate
+
+    return gate(backend, families, where.device if isinstance(where, torch.Tensor) else torch.device(where))

@@ -18,7 +18,8 @@ def gated_residual_linear(x: torch.Tensor, h: torch.Tensor, linear: nn.Module, g
                           backend: str = "auto") -> torch.Tensor:
     """`x + gate * linear(h)`: x `(..., N)`, h `(..., K)`, gate `(1,)` or `(N,)` (a value, e.g.
     `tanh(alpha)`), differentiable in all of them. Returns `(..., N)` in x's dtype."""
-    if type(linear) is nn.Linear and linear.bias is None and resolve_backend(backend, x) == "triton":
+    if type(linear) is nn.Linear and linear.bias is None \
+            and resolve_backend(backend, x, ("gated_linear",)) == "triton":
         from deepmlf_kernels.gated_linear import gated_linear
 
         ct = kernel_dtype(x, linear.weight.dtype)  # one dtype for the GEMM operands

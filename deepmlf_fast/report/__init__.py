@@ -26,10 +26,11 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def report_after_training(run_dir: str | Path, device: str = "auto") -> Path | None:
+def report_after_training(run_dir: str | Path, device: str = "auto", session=None) -> Path | None:
     """Write a finished run's report (`writer.write_report`) when matplotlib is installed;
     otherwise log one line and return None. A failure is logged, not raised: the run itself
-    has finished and its results are written."""
+    has finished and its results are written. `session`: `train.run.run_training`'s, whose
+    backbone the report reuses instead of loading it again."""
     if not matplotlib_available():
         log.info("no report: matplotlib is not installed (pip install 'deepmlf-fast[report]', then "
                  "`deepmlf report %s`)", run_dir)
@@ -37,7 +38,7 @@ def report_after_training(run_dir: str | Path, device: str = "auto") -> Path | N
     from deepmlf_fast.report.writer import write_report
 
     try:
-        return write_report([run_dir], device=device)
+        return write_report([run_dir], device=device, session=session)
     except Exception as e:  # noqa: BLE001 - the training result must not be lost to a plotting problem
         log.warning("the report could not be written (%s: %s); retry with `deepmlf --debug report %s`",
                     type(e).__name__, e, run_dir)

@@ -92,12 +92,14 @@ def _mean_std(results: dict, key: str) -> str:
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, seed: int | None = None,
-                 n_attention: int = 4, device: str = "auto") -> Path:
+                 n_attention: int = 4, device: str = "auto", session=None) -> Path:
     """Write report.md, report.html and the PNGs for finished runs; -> report.md's path.
 
     `out`: destination folder (default: the run for one run, the first run's parent for
     several); `seed`: whose model draws the sample-level plots (default each run's first);
-    `n_attention`: test samples in the attention figure; `device`: where the model runs."""
+    `n_attention`: test samples in the attention figure; `device`: where the model runs;
+    `session`: for one run just trained, the `train.run.Session` that trained it (its backbone
+    and data are reused, on its device)."""
     runs = [read_run(d) for d in run_dirs]  # every input checked before anything is loaded or written
     for r in runs:
         if seed is not None and str(seed) not in r.histories:
@@ -115,7 +117,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         files = out / "report" / (label if len(runs) > 1 else "")
         if len(runs) > 1:
             doc.heading(2, f"Run {label}")
-        _run_sections(doc, r, label, files, seed, n_attention, device, level=2 if len(runs) == 1 else 3)
+        _run_sections(doc, r, label, files, seed, n_attention, device, session, level=2 if len(runs) == 1 else 3)
     title = "DeepMLF report: " + ", ".join(labels)
     write_text_atomic(out / "report.md", doc.markdown(out))
     write_text_atomic(out / "report.html", doc.html(title))
@@ -134,14 +136,14 @@ def run_labels(roots: Sequence[Path]) -> list[str]:
 
 
 def _run_sections(doc: Doc, run: RunFiles, label: str, files: Path, seed: int | None, n_attention: int,
-                  device: str, level: int) -> None:
+                  device: str, session, level: int) -> None:
     from deepmlf_fast.report import plots
     from deepmlf_fast.report.classes import class_names
 
     files.mkdir(parents=True, exist_ok=True)
     dataset = run.cfg.data.dataset
     sample_seed = int(seed if seed is not None else run.results["seeds"][0])
-    test = _test_outputs(run, sample_seed, n_attention, device)
+    test = _test_outputs(run, sample_seed, n_attention, device, session)
     maps = test["attention"]
     np.savez(files / "attention.npz", index=maps["index"], valid=maps["valid"],
              **{f"block_{b}": p for b, p in maps["probs"].items()})
@@ -181,8 +183,9 @@ def _run_sections(doc: Doc, run: RunFiles, label: str, files: Path, seed: int | 
     _setup_sections(doc, run, level)
 
 
-def _test_outputs(run: RunFiles, seed: int, n_attention: int, device: str) -> dict:
-    """Rebuild seed `seed`'s best model and run the test split: -> `pred`, `labels` `(N,)`,
+def _test_outputs(run: RunFiles, seed: int, n_attention: int, device: str, session) -> dict:
+    """Rebuild seed `seed`'s best model (around `session`'s backbone when given) and run the
+    test split: -> `pred`, `labels` `(N,)`,
     `attention` (`attention.attention_maps` of the first `n_attention` samples) and
     `attention_labels` `(S,)` those samples' true scores."""
     from deepmlf_fast.hardware import resolve_device
@@ -190,7 +193,7 @@ def _test_outputs(run: RunFiles, seed: int, n_attention: int, device: str) -> di
     from deepmlf_fast.train.evaluate import predict
     from deepmlf_fast.train.run import load_run
 
-    session, model = load_run(run.root, resolve_device(device), seed)
+    session, model = load_run(run.root, resolve_device(device), seed, session=session)
     p = predict(model, session.loader("test", session.cfg.train.eval_batch_size, False), session.eval_ctx,
                 desc="report")
     maps = attention_maps(model, session.loader("test", n_attention, False), session.eval_ctx, n_attention)

@@ -34,7 +34,7 @@ from deepmlf_fast.data.mmsa import MMSASplit
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
-from deepmlf_fast.hardware import DTYPES, resolve_device, resolve_run
+from deepmlf_fast.hardware import DTYPES, keep_freed_memory, resolve_device, resolve_run
 from deepmlf_fast.metrics import format_metrics, metric_keys
 from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF, check_model_config
@@ -107,8 +107,8 @@ class Session:
         if model is None:
             self.cfg = cfg
             r, m = self.cfg.resolved, self.cfg.model
-            self.backbone = load_backbone(m.backbone, dtype=DTYPES[r.precision], load_in_8bit=m.load_in_8bit,
-                                          load_in_4bit=m.load_in_4bit, random_init=m.random_init, device=device)
+            self.backbone = load_backbone(m.backbone, dtype=DTYPES[r.precision], quant=m.quant,
+                                          random_init=m.random_init, device=device)
         else:
             found = model.fusion_tokens.weight.device
             if found.type != device.type:
@@ -116,6 +116,10 @@ class Session:
             self.cfg = cfg
             r, m = cfg.resolved, cfg.model
             self.backbone = LoadedBackbone(model.lm, tokenizer, model.spec, model.pad_id, m.backbone)
+        if device.type == "cpu":
+            # Only now: while a backbone is built layer by layer, freed dense layers must go back
+            # to the kernel (glibc's default for large blocks), or the build's peak grows with them.
+            keep_freed_memory()
         tok = self.backbone.tokenizer
         tokens = {key: tokenize_texts(s.raw_text, tok, m.text.max_tokens, name, self.backbone.pad_id)
                   for key, (name, s) in distinct.items()}
@@ -171,7 +175,17 @@ def check_run(cfg: RunConfig, lm_config=None) -> None:
 def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, model: DeepMLF | None = None,
               tokenizer=None, on_batch: Sequence[OnBatch] = ()) -> dict:
     """Run every seed of `cfg` into `cfg.train.output_dir`; -> the results dict also written
-    to `results.json` (test metrics under their MMSA names, averaged over seeds).
+    to `results.json` (test metrics under their MMSA names, averaged over seeds). The same as
+    `run_training`, without its session."""
+    return run_training(cfg, resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer,
+                        on_batch=on_batch)[0]
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, model: DeepMLF | None = None,
+                 tokenizer=None, on_batch: Sequence[OnBatch] = ()) -> tuple[dict, Session]:
+    """Run every seed of `cfg` into `cfg.train.output_dir`; -> (the results dict also written
+    to `results.json`: test metrics under their MMSA names, averaged over seeds; the `Session`
+    that ran them, whose loaded backbone and data `load_run(..., session=)` reuses).
 
     `model`, with its backbone's `tokenizer`: train this already built DeepMLF (the one
     `apply_deepmlf` returned, for instance) instead of building one from `cfg.model`; its own
@@ -204,7 +218,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         run_dir.create(overwrite)
     distributed.barrier()
     if not distributed.is_main():
-        return _train_seeds(session, run_dir)
+        return _train_seeds(session, run_dir), session
     file_log = logging.FileHandler(run_dir.log)
     file_log.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     logging.getLogger("deepmlf_fast").addHandler(file_log)
@@ -216,7 +230,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     write_json(run_dir.results, results)  # deterministic: the same command gives the same bytes
     write_json(run_dir.timing, {"seconds": round(time.time() - start, 1)})
     log.info("run finished in %.0f s -> %s", time.time() - start, run_dir.results)
-    return results
+    return results, session
 
 
 def _train_seeds(session: Session, run_dir: RunDir) -> dict:
@@ -303,11 +317,20 @@ def aggregate(per_seed: dict, cfg: RunConfig) -> dict:
 
 
 def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None, data_path: str | None = None,
-             require_labels: bool = True):
+             require_labels: bool = True, session: Session | None = None):
     """Rebuild a finished run's model (best weights of `seed`, default the first) and its data
     session for `deepmlf eval` / `predict` / `report`. -> (session, model). `require_labels=False`
-    (predict) also reads a data file of new samples without labels."""
+    (predict) also reads a data file of new samples without labels. `session`: the one that
+    trained the run (`run_training`'s), whose backbone and data are reused instead of loaded
+    again (a 7B backbone is not built twice); `device` and `data_path` are then its own."""
     rd = RunDir(run_dir)
+    if session is not None:
+        seed = session.cfg.train.seeds[0] if seed is None else seed
+        if not rd.best(seed).is_file():
+            raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model")
+        model = session.new_model(seed)
+        model.load_trained_state_dict(load_weights(rd.best(seed)))
+        return session, model
     cfg = rd.read_config()
     if data_path is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))

@@ -1,7 +1,20 @@
-"""Compile the Triton kernels ahead of time for H100/H200 (sm_90) and check their resources, no GPU needed.
+"""Compile the Triton kernels ahead of time for every GPU architecture users have and check their
+resources, no GPU needed.
 
-    python -m deepmlf_kernels.aot            # 186 kernels, ~100 CPU-seconds (about a minute on 2 cores)
+    python -m deepmlf_kernels.aot                        # sm_90: 186 kernels, ~100 CPU-seconds
+    python -m deepmlf_kernels.aot --arch all --subset    # sm_80/86/89/90/100/120, a representative subset (CI)
+    python -m deepmlf_kernels.aot --arch all --exclusions  # every architecture, all 186; prints arch_exclusions
     python -m deepmlf_kernels.aot --full     # every specialisation, ~4,000 kernels (a many-core box)
+
+Architectures (`--arch`): A100 (sm_80), A10/RTX 30 (sm_86), L4/L40/RTX 40 (sm_89), H100/H200
+(sm_90), B200 (sm_100), RTX 50 (sm_120), each with its own per-block shared-memory limit
+(`common.ARCH_MAX_SHARED`). The tables are made for sm_90, where every entry must compile
+clean. Elsewhere a config may be unfit (ptxas spills, or Triton gives it more shared memory
+than the launchers' estimate): `arch_exclusions.EXCLUDED` lists those per architecture and
+the launchers skip them there; the check fails on an unfit config that is not listed, a
+listed one that is fit (stale), and a table entry (kernel x dot class x BLOCK_D) left with
+no config on some architecture. Every 16-bit kernel with a matrix product must show a
+tensor-core instruction in its PTX (mma.sync, wgmma or tcgen05).
 
 The interpreter accepts code the GPU compiler rejects (a `tl.dot` with a dimension < 16,
 say) and says nothing of registers or shared memory, so CPU tests alone do not prove the
@@ -61,6 +74,10 @@ DOT_VARIANTS = (("bf16", None), ("fp16", None), ("fp32", "tf32"), ("fp32", "tf32
 ATTN_FLAGS = tuple(itertools.product((True, False), repeat=3))  # (causal, dropout, seqused)
 GEMM_FLAGS = tuple(itertools.product((True, False), repeat=2))  # (per-channel gate, dropout)
 ATTN_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv")
+DOT_KERNELS = (*ATTN_KERNELS, "gated_linear_fwd")
+ARCHS = (80, 86, 89, 90, 100, 120)
+TENSOR_CORE_PTX = re.compile(r"\b(mma\.sync|wgmma\.mma_async|tcgen05\.mma)\b")
+"""A tensor-core matrix product in PTX: mma.sync (sm_80-89, sm_120), wgmma (sm_90), tcgen05 (sm_100)."""
 
 
 def _kernels():
@@ -85,20 +102,22 @@ def _registry():
 
 
 def _job(kernel, pointers, constexprs, *, num_warps=4, num_stages=1, maxnreg=None, unit_strides=(), divisible=(),
-         dtype="", head_dim="", precision=None, config="", flags="", estimate=None):
+         dtype="", head_dim="", precision=None, config="", flags="", estimate=None, key=None, worst=True):
     """One compile: pointer element types by argument name, constexpr values, options, and
     the labels of its table row. Integer arguments are i32 and float arguments fp32, as
     the launchers pass them; like Triton's launcher, which specialises an integer argument
     equal to 1 as a constant and one divisible by 16 as such, `unit_strides` become
     constexpr 1 and `divisible` get `tt.divisibility = 16`. `estimate`: the launcher's
-    shared-memory estimate, if any."""
+    shared-memory estimate, if any; `key`: the config's `arch_exclusions` key (tuned kernels);
+    `worst`: every flag that costs registers is on (an exclusion is judged on such a job)."""
     if not config:  # an untuned kernel: its fixed tile
         config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k in ("BLOCK_M", "BLOCK_N"))
     constexprs = dict(constexprs, **{name: 1 for name in unit_strides})
     return dict(kernel=kernel, pointers=pointers, constexprs=constexprs, divisible=tuple(divisible),
                 options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg},
                 dtype=dtype if precision is None else f"{dtype}/{precision}", head_dim=head_dim, config=config,
-                flags=flags, estimate=estimate)
+                flags=flags, estimate=estimate, key=key, worst=worst,
+                tensor_cores=kernel in DOT_KERNELS and any(p in ("bf16", "fp16") for p in pointers.values()))
 
 
 def _flag_text(names, values):
@@ -134,7 +153,8 @@ def attention_job(kernel, dtype, precision, head_dim, config, causal, dropout, s
                 divisible=strides if head_dim % 16 == 0 else (), dtype=dtype, head_dim=head_dim,
                 precision=precision, config=describe(config),
                 flags=_flag_text(("causal", "dropout", "seqused", "mha"), (causal, dropout, seqused, mha)),
-                estimate=attn.shared_memory_estimate(kernel, config, bd, dot_class(precision)))
+                estimate=attn.shared_memory_estimate(kernel, config, bd, dot_class(precision)),
+                key=(kernel, dot_class(precision), bd, describe(config)), worst=causal and dropout and seqused)
 
 
 def gemm_job(x_dtype, dtype, precision, config, per_channel, dropout, aligned=True):
@@ -153,7 +173,8 @@ def gemm_job(x_dtype, dtype, precision, config, per_channel, dropout, aligned=Tr
                 maxnreg=config.maxnreg, unit_strides=("stride_xn", "stride_hk", "stride_wk"), divisible=divisible, dtype=label,
                 precision=precision, config=describe(config),
                 flags=_flag_text(("channel", "dropout", "unaligned"), (per_channel, dropout, not aligned)),
-                estimate=gl.shared_memory_estimate(config, dot_class(precision)))
+                estimate=gl.shared_memory_estimate(config, dot_class(precision)),
+                key=("gated_linear_fwd", dot_class(precision), 0, describe(config)), worst=per_channel and dropout)
 
 
 def _attention_variants(head_dims):
@@ -278,14 +299,18 @@ def _parse_ptxas(log: str) -> tuple[int, int, int] | None:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def compile_one(job: dict) -> dict:
-    """Compile one job for sm_90 and measure it. Returns the job's labels plus seconds,
-    regs, spill (store + load bytes), shared, and `problems` (list of strings)."""
+def compile_one(job: dict, arch: int = TARGET_ARCH) -> dict:
+    """Compile one job for compute capability `arch` and measure it. Returns the job's labels
+    plus arch, seconds, regs, spill (store + load bytes), shared, `faults` (what would make
+    the config unfit there: spills, shared memory over the limit or over the launcher's
+    estimate), `status` ("ok", "excluded" by `arch_exclusions`, or "dropped" because the
+    launcher's estimate exceeds the limit) and `problems` (failures of the check)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from deepmlf_kernels.common import SM90_MAX_SHARED
+    from deepmlf_kernels.arch_exclusions import EXCLUDED
+    from deepmlf_kernels.common import ARCH_MAX_SHARED
 
     fn = _registry()[job["kernel"]]
     constexprs, pointers = job["constexprs"], job["pointers"]
@@ -302,8 +327,8 @@ def compile_one(job: dict) -> dict:
             signature[name] = "i32"
             if name in job["divisible"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    record = {k: job[k] for k in ("kernel", "dtype", "head_dim", "config", "flags")}
-    record.update(regs=None, spill=None, shared=None, problems=[])
+    record = {k: job[k] for k in ("kernel", "dtype", "head_dim", "config", "flags", "key")}
+    record.update(arch=arch, regs=None, spill=None, shared=None, faults=[], status="ok", problems=[])
     start = time.perf_counter()
     try:
         # Triton runs ptxas -v itself and prints its report under TRITON_DUMP_PTXAS_LOG;
@@ -311,7 +336,7 @@ def compile_one(job: dict) -> dict:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                      target=GPUTarget("cuda", TARGET_ARCH, 32), options=job["options"])
+                                      target=GPUTarget("cuda", arch, 32), options=job["options"])
         if not compiled.asm.get("cubin"):
             raise RuntimeError("no cubin produced")
         usage = _parse_ptxas(log.getvalue())
@@ -323,32 +348,93 @@ def compile_one(job: dict) -> dict:
         record["seconds"] = time.perf_counter() - start
         return record
     record["seconds"] = time.perf_counter() - start
-    shared = compiled.metadata.shared
+    shared, limit, estimate = compiled.metadata.shared, ARCH_MAX_SHARED[arch], job["estimate"]
     record.update(regs=regs, spill=spill_stores + spill_loads, shared=shared)
+    faults = record["faults"]
     if spill_stores or spill_loads:
-        record["problems"].append(f"spills {spill_stores} B stores, {spill_loads} B loads per thread")
-    if shared > SM90_MAX_SHARED:
-        record["problems"].append(f"shared memory {shared} B > {SM90_MAX_SHARED} B")
-    if job["estimate"] is not None and shared > job["estimate"]:
-        record["problems"].append(f"shared memory {shared} B > launcher estimate {job['estimate']} B")
-    if job["estimate"] is not None and job["estimate"] > SM90_MAX_SHARED:
-        record["problems"].append(f"launcher estimate {job['estimate']} B > {SM90_MAX_SHARED} B: never run on sm_90")
+        faults.append(f"spills {spill_stores} B stores, {spill_loads} B loads per thread")
+    if shared > limit:
+        faults.append(f"shared memory {shared} B > {limit} B")
+    if estimate is not None and shared > estimate:
+        faults.append(f"shared memory {shared} B > launcher estimate {estimate} B")
+    if job["tensor_cores"] and not TENSOR_CORE_PTX.search(compiled.asm["ptx"]):
+        record["problems"].append("no tensor-core instruction (mma.sync / wgmma / tcgen05) in the PTX")
+    listed = job["key"] is not None and job["key"] in EXCLUDED.get(arch, {})
+    if estimate is not None and estimate > limit:
+        record["status"] = "dropped"  # the launchers never try it on this architecture
+        if arch == TARGET_ARCH:  # the tables are made for sm_90: every entry must run there
+            record["problems"] += faults + [f"launcher estimate {estimate} B > {limit} B: never run on sm_{arch}"]
+    elif listed:
+        record["status"] = "excluded"
+        if not faults and job["worst"]:  # milder flags may fit where the worst ones do not
+            record["problems"].append(f"listed in arch_exclusions for sm_{arch} but fit: a stale entry")
+    else:
+        record["problems"] += faults
     return record
+
+
+def coverage_problems(arch: int) -> list[str]:
+    """Every table entry (kernel x dot class x BLOCK_D) must keep a config the launchers try
+    on `arch`: within the shared-memory limit by their estimate and not excluded."""
+    attn, gl = _kernels()
+    from deepmlf_kernels.common import ARCH_MAX_SHARED, excluded
+
+    limit, problems = ARCH_MAX_SHARED[arch], []
+    for kernel in ATTN_KERNELS:
+        for cls, bd in attn.ATTN_TABLE[kernel]:
+            if not any(attn.shared_memory_estimate(kernel, c, bd, cls) <= limit and not excluded(kernel, cls, bd, c, arch)
+                       for c in attn.attention_configs(kernel, cls, bd)):
+                problems.append(f"sm_{arch}: no config of {kernel} {cls} BLOCK_D={bd} fits")
+    for cls in gl.GEMM_TABLE:
+        if not any(gl.shared_memory_estimate(c, cls) <= limit and not excluded("gated_linear_fwd", cls, 0, c, arch)
+                   for c in gl.gemm_configs(cls)):
+            problems.append(f"sm_{arch}: no config of gated_linear_fwd {cls} fits")
+    return problems
+
+
+def subset(todo: list[dict]) -> list[dict]:
+    """A representative subset of `todo` for a quick check of every architecture: every
+    config of the bf16 attention kernels at head dims 64 and 256 (the widest tiles) and of
+    the bf16 and fp32 GEMM, with every flag on, plus every job of an excluded config (so a
+    stale exclusion is caught)."""
+    from deepmlf_kernels.arch_exclusions import EXCLUDED
+
+    listed = {key for table in EXCLUDED.values() for key in table}
+    worst = _flag_text(("causal", "dropout", "seqused", "mha"), ATTN_FLAGS[0] + (False,))
+    keep = []
+    for job in todo:
+        attention = job["kernel"] in ATTN_KERNELS and job["dtype"] == "bf16" and job["head_dim"] in (64, 256) \
+            and job["flags"] == worst
+        gemm = job["kernel"] == "gated_linear_fwd" and job["flags"] == "channel+dropout" \
+            and job["dtype"] in ("bf16", "fp32/tf32")
+        if attention or gemm or job["key"] in listed:
+            keep.append(job)
+    return keep
 
 
 def _row(r: dict) -> str:
     def num(v):
         return "-" if v is None else str(v)
 
-    status = "FAIL" if r["problems"] else "ok"
-    return (f"{status:4} {r['kernel']:19} {r['dtype']:13} {num(r['head_dim']):>3} {r['config']:48} {r['flags']:27} "
+    status = "FAIL" if r["problems"] else {"ok": "ok", "excluded": "excl", "dropped": "drop"}[r["status"]]
+    return (f"{status:4} {r['arch']:>3} {r['kernel']:19} {r['dtype']:13} {num(r['head_dim']):>3} {r['config']:48} {r['flags']:27} "
             f"{num(r['regs']):>4} {num(r['spill']):>5} {num(r['shared']):>6} {r['seconds']:5.1f}s")
 
 
+def _arch_list(text: str) -> list[int]:
+    return list(ARCHS) if text == "all" else [int(a) for a in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Compile and check the job list for sm_90, print the table; 0 if all pass, else 1."""
+    """Compile and check the job list for each architecture, print the table; 0 if all pass, else 1."""
     parser = argparse.ArgumentParser(prog="python -m deepmlf_kernels.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="compile the whole cross product")
+    parser.add_argument("--arch", default=str(TARGET_ARCH),
+                        help=f"compute capabilities, comma-separated, or 'all' ({', '.join(map(str, ARCHS))}); "
+                             f"default {TARGET_ARCH}")
+    parser.add_argument("--subset", action="store_true", help="a representative subset of the jobs (`subset`)")
+    parser.add_argument("--exclusions", action="store_true",
+                        help="print arch_exclusions.EXCLUDED for what this run found unfit (paste it into the file)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -356,28 +442,54 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # inherited by the workers, see compile_one
 
-    from deepmlf_kernels.common import SM90_MAX_SHARED
+    from deepmlf_kernels.common import ARCH_MAX_SHARED
 
+    archs = _arch_list(args.arch)
     todo = jobs(args.full)
+    if args.subset:
+        todo = subset(todo)
+    pairs = [(job, arch) for arch in archs for job in todo]
     start = time.perf_counter()
     failed = 0
-    print(f"{'':4} {'kernel':19} {'dtype':13} {'hd':>3} {'config':48} {'flags':27} {'regs':>4} {'spill':>5} "
-          f"{'shared':>6}")
-    worst: dict[str, list[int]] = {}  # kernel -> [compiled, max regs, max shared]
+    print(f"{'':4} {'sm':>3} {'kernel':19} {'dtype':13} {'hd':>3} {'config':48} {'flags':27} {'regs':>4} "
+          f"{'spill':>5} {'shared':>6}")
+    worst: dict[tuple[int, str], list[int]] = {}  # (arch, kernel) -> [compiled, max regs, max shared]
+    unfit: dict[int, dict[tuple, str]] = {}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for record in pool.map(compile_one, todo):
+        for record in pool.map(compile_one, *zip(*pairs)):
             print(_row(record), flush=True)
             if record["problems"]:
                 failed += 1
                 print("     " + "\n     ".join(record["problems"]), flush=True)
+            if record["faults"] and record["key"] is not None and record["status"] != "dropped":
+                unfit.setdefault(record["arch"], {})[tuple(record["key"])] = "; ".join(record["faults"])
             if record["regs"] is not None:
-                w = worst.setdefault(record["kernel"], [0, 0, 0])
+                w = worst.setdefault((record["arch"], record["kernel"]), [0, 0, 0])
                 w[:] = w[0] + 1, max(w[1], record["regs"]), max(w[2], record["shared"])
-    for kernel, (n, regs, shared) in worst.items():
-        print(f"aot: {kernel:19} {n:5} compiled, at most {regs} registers and {shared} B shared memory")
-    print(f"aot: {len(todo) - failed}/{len(todo)} kernels compiled for sm_{TARGET_ARCH} without spills and within "
-          f"{SM90_MAX_SHARED} B of shared memory in {time.perf_counter() - start:.1f}s")
-    return 1 if failed else 0
+    coverage = [p for arch in archs for p in coverage_problems(arch)]
+    for problem in coverage:
+        print(f"aot: {problem}")
+    for (arch, kernel), (n, regs, shared) in worst.items():
+        print(f"aot: sm_{arch} {kernel:19} {n:5} compiled, at most {regs} registers and {shared} B shared memory")
+    for arch in archs:
+        n_excluded = len(unfit.get(arch, {}))
+        print(f"aot: sm_{arch}: {len(todo)} kernels, shared-memory limit {ARCH_MAX_SHARED[arch]} B, "
+              f"{n_excluded} configs unfit there (the launchers skip them)")
+    if args.exclusions:
+        print("EXCLUDED = " + _literal(unfit))
+    print(f"aot: {len(pairs) - failed}/{len(pairs)} kernels compiled for "
+          f"{', '.join(f'sm_{a}' for a in archs)} without spills and within shared memory (or skipped by the "
+          f"launchers there) in {time.perf_counter() - start:.1f}s")
+    return 1 if failed or coverage else 0
+
+
+def _literal(unfit: dict[int, dict[tuple, str]]) -> str:
+    lines = ["{"]
+    for arch in sorted(unfit):
+        lines.append(f"    {arch}: {{")
+        lines += [f"        {key!r}: {reason!r}," for key, reason in sorted(unfit[arch].items())]
+        lines.append("    },")
+    return "\n".join(lines + ["}"])
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ import triton
 import triton.language as tl
 
 from deepmlf_kernels.common import (
-    INTERPRET, MAX_REGISTERS, TunedKernel, _dot, _round, dot_class, dot_precision, max_shared_memory,
+    INTERPRET, MAX_REGISTERS, TunedKernel, _dot, _round, capability, dot_class, dot_precision, excluded,
+    max_shared_memory,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
@@ -408,7 +409,8 @@ ATTN_TABLE = {
         ("tf32", 128): ((16, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1)),
         **{("tf32x3", bd): ((16, 16, 4, 1), (16, 32, 4, 1), (16, 64, 8, 1)) for bd in (32, 64)},
         ("ieee", 128): ((16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 1)),
-        ("ieee", 256): ((16, 32, 8, 1),),
+        # 16x16: the only tile within 99 KB (sm_86, sm_89, sm_120) at fp32 head dim 256.
+        ("ieee", 256): ((16, 32, 8, 1), (16, 16, 8, 1)),
     },
     "attn_bwd_dkdv": {
         ("16bit", 32): ((16, 64, 8, 1), (32, 32, 8, 1), (32, 64, 8, 2), (64, 32, 8, 1)),
@@ -450,17 +452,20 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 def _space(kernel):
     def space(args):
-        return list(_viable(kernel, dot_class(args["DOT_PRECISION"]), args["BLOCK_D"],
-                            max_shared_memory(args["Q"].device)))
+        device = args["Q"].device
+        return list(_viable(kernel, dot_class(args["DOT_PRECISION"]), args["BLOCK_D"], max_shared_memory(device),
+                            capability(device)))
 
     return space
 
 
 @functools.lru_cache(maxsize=None)  # per launch otherwise: the same Config objects every time
-def _viable(kernel: str, cls: str, block_d: int, limit: int) -> tuple[triton.Config, ...]:
-    """The table's configs for (kernel, cls, block_d) whose shared memory fits in `limit` bytes."""
+def _viable(kernel: str, cls: str, block_d: int, limit: int, arch: int) -> tuple[triton.Config, ...]:
+    """The table's configs for (kernel, cls, block_d) whose shared memory fits in `limit` bytes
+    and that the AOT check did not exclude on compute capability `arch`."""
     return tuple(c for c in attention_configs(kernel, cls, block_d)
-                 if shared_memory_estimate(kernel, c, block_d, cls) <= limit)
+                 if shared_memory_estimate(kernel, c, block_d, cls) <= limit
+                 and not excluded(kernel, cls, block_d, c, arch))
 
 
 def shared_memory_estimate(kernel: str, config: triton.Config, block_d: int, cls: str) -> int:

@@ -8,7 +8,8 @@ Config choice (`TunedKernel`)
   sm_90 without register spills and within shared memory. Every config sets
   `maxnreg=255` (`MAX_REGISTERS`). At launch the candidates are the
   table's entries for the call, minus those whose estimated shared memory exceeds the
-  device's limit, minus those `DEEPMLF_TRITON_CONFIG` excludes. One candidate is launched
+  device's limit, minus those the AOT check found unfit for the device's architecture
+  (`arch_exclusions`), minus those `DEEPMLF_TRITON_CONFIG` excludes. One candidate is launched
   directly, several are autotuned by `triton.autotune` (whose `early_config_prune`
   computes the same candidates), so the table bounds autotuning on the device.
 * `DEEPMLF_TRITON_CONFIG` pins configs, read at every launch: `;`-separated entries
@@ -61,6 +62,10 @@ import triton.language as tl
 INTERPRET = triton.knobs.runtime.interpret
 CONFIG_ENV = "DEEPMLF_TRITON_CONFIG"
 SM90_MAX_SHARED = 232448  # H100/H200 per-block shared memory with opt-in (227 KB)
+ARCH_MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: SM90_MAX_SHARED, 100: SM90_MAX_SHARED, 120: 101376}
+"""Per-block shared memory with opt-in (bytes) by compute capability: A100 (sm_80) 163 KB;
+A10/RTX 30 (sm_86), L4/L40/RTX 40 (sm_89) and RTX 50 (sm_120) 99 KB; H100/H200 (sm_90) and
+B200 (sm_100) 227 KB. `python -m deepmlf_kernels.aot --arch all` checks the kernels against each."""
 # Every autotune config sets ptxas' register limit explicitly: without `.maxnreg`, ptxas
 # aims at an occupancy tier (64, 128 or 168 registers per thread) and spills a few bytes
 # to reach it; with it, it spills only when 255 registers do not suffice.
@@ -148,6 +153,23 @@ def max_shared_memory(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)  # a driver query per attribute: once per device, not per launch
 def _device_max_shared(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability of `device` as `major * 10 + minor` (sm_90 under the interpreter)."""
+    if INTERPRET or device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def excluded(kernel: str, cls: str, block_d: int, config: triton.Config, arch: int) -> bool:
+    """Whether the AOT check found `config` unfit for `kernel` on compute capability `arch`
+    (`arch_exclusions.EXCLUDED`: it spills there, or needs more shared memory than the
+    launchers' estimate): the launchers never try it on such a device."""
+    from deepmlf_kernels.arch_exclusions import EXCLUDED
+
+    return (kernel, cls, block_d, describe(config)) in EXCLUDED.get(arch, {})
 
 
 class TunedKernel:

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from deepmlf_kernels.common import (
-    INTERPRET, MAX_REGISTERS, TunedKernel, _dot, _round, dot_class, dot_precision, max_shared_memory,
+    INTERPRET, MAX_REGISTERS, TunedKernel, _dot, _round, capability, dot_class, dot_precision, excluded,
+    max_shared_memory,
 )
 
 # Tiles per dot class: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). M = B*F fusion
@@ -175,13 +176,16 @@ def _gated_linear_mask_kernel(SEED, MASK, M, N, dropout_p, BLOCK_M: tl.constexpr
 
 
 def _space(args):
-    return list(_viable(dot_class(args["DOT_PRECISION"]), max_shared_memory(args["H"].device)))
+    device = args["H"].device
+    return list(_viable(dot_class(args["DOT_PRECISION"]), max_shared_memory(device), capability(device)))
 
 
 @functools.lru_cache(maxsize=None)  # per launch otherwise: the same Config objects every time
-def _viable(cls: str, limit: int) -> tuple[triton.Config, ...]:
-    """The table's configs for dot class `cls` whose shared memory fits in `limit` bytes."""
-    return tuple(c for c in gemm_configs(cls) if shared_memory_estimate(c, cls) <= limit)
+def _viable(cls: str, limit: int, arch: int) -> tuple[triton.Config, ...]:
+    """The table's configs for dot class `cls` whose shared memory fits in `limit` bytes and
+    that the AOT check did not exclude on compute capability `arch`."""
+    return tuple(c for c in gemm_configs(cls) if shared_memory_estimate(c, cls) <= limit
+                 and not excluded("gated_linear_fwd", cls, 0, c, arch))
 
 
 def shared_memory_estimate(config: triton.Config, cls: str) -> int:

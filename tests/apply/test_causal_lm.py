@@ -210,7 +210,7 @@ def test_bitsandbytes_8bit_model(checkpoints):
 
     cfg = model_config()
     path = checkpoints["llama"]
-    bb = load_backbone(path, load_in_8bit=True)
+    bb = load_backbone(path, quant="llm-int8")
     ours = DeepMLF(cfg, bb.lm, bb.spec, bb.pad_id, init_seed=4)
     lm, tok = user_model(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": "cpu"})
     assert type(lm.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"

@@ -28,6 +28,20 @@ def test_all_kernels_compile_for_sm90():
     assert "kernels compiled for sm_90 without spills" in proc.stdout
 
 
+def test_every_architecture_users_have_passes_the_resource_check_on_a_subset():
+    """sm_80, 86, 89, 90, 100 and 120, each against its own shared-memory limit: every 16-bit
+    dot kernel with tensor-core instructions, no unfit config that the launchers would try
+    there (`arch_exclusions` lists those they skip, and a stale entry fails), and every table
+    entry left with a config. The subset (`aot.subset`: the widest bf16 attention tiles, the
+    GEMMs, every excluded config) keeps CI at about a minute per architecture on 2 cores; the
+    full set runs with `python -m deepmlf_kernels.aot --arch all`."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-m", "deepmlf_kernels.aot", "--arch", "all", "--subset"], env=ENV,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    assert "compiled for sm_80, sm_86, sm_89, sm_90, sm_100, sm_120 without spills" in proc.stdout
+
+
 # Configs the tables left out because they fail on sm_90: a 64x128 GEMM tile on 4 warps
 # (the fp32 accumulator and the dropout draws spill) and a 64x64 fp32 attention tile at
 # head dim 256 (more shared memory than a block may have).
@@ -49,3 +63,24 @@ def test_resource_check_catches_spills_and_shared_memory():
     spill, big = json.loads(proc.stdout.strip().splitlines()[-1])
     assert any(p.startswith("spills") for p in spill), spill
     assert any(p.startswith("shared memory") and "> 232448 B" in p for p in big), big
+
+
+def test_launchers_never_try_a_config_unfit_on_the_device_architecture():
+    """What `arch_exclusions` lists for an architecture is not a candidate there, and is one on
+    sm_90 (which the tables are made for)."""
+    pytest.importorskip("triton")
+    from deepmlf_kernels import attention as attn
+    from deepmlf_kernels import gated_linear as gl
+    from deepmlf_kernels.arch_exclusions import EXCLUDED
+    from deepmlf_kernels.common import describe
+
+    def candidates(kernel, cls, block_d, arch):
+        viable = gl._viable(cls, 10**9, arch) if kernel == "gated_linear_fwd" else \
+            attn._viable(kernel, cls, block_d, 10**9, arch)
+        return [describe(c) for c in viable]
+
+    assert EXCLUDED and 90 not in EXCLUDED
+    for arch, table in EXCLUDED.items():
+        for kernel, cls, block_d, config in table:
+            assert config not in candidates(kernel, cls, block_d, arch)
+            assert config in candidates(kernel, cls, block_d, 90)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from deepmlf_fast.backbones.load import load_backbone
 from deepmlf_fast.cli import main
 
 TINY_DEMO = ["--backbone", "tiny-llama", "--precision", "fp32", "--batch-size", "16",
@@ -21,7 +22,13 @@ recorded every step."""
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The finished run directory (seeds 1 and 2, 2 epochs each: early stopping waits 4)."""
+    from deepmlf_fast.train import run
+
     out = tmp_path_factory.mktemp("report") / "demo"
-    assert main(["-q", "train", *TINY_DEMO, "--epochs", "2", "--pretrain-epochs", "1", "--av-length-masks",
-                 "--seeds", "1", "2", "--output-dir", str(out)]) == 0
+    loads = []
+    with pytest.MonkeyPatch.context() as mp:  # counts backbone loads: training and its report share one
+        mp.setattr(run, "load_backbone", lambda *a, **k: loads.append(a) or load_backbone(*a, **k))
+        assert main(["-q", "train", *TINY_DEMO, "--epochs", "2", "--pretrain-epochs", "1", "--av-length-masks",
+                     "--seeds", "1", "2", "--output-dir", str(out)]) == 0
+    (out.parent / "backbone_loads").write_text(str(len(loads)))
     return out

@@ -158,8 +158,7 @@ def train_quantized(tmp: Path, data: Path, ds_config: Path, bits: int) -> None:
     from deepmlf_fast.train.engine import make_engine
     from deepmlf_fast.train.run import Session, train_run
 
-    quant = {"load_in_8bit": True} if bits == 8 else {"load_in_4bit": True}
-    cfg = run_config(tmp / "q", data, ds_config, epochs=1, pretrain=False, **quant)
+    cfg = run_config(tmp / "q", data, ds_config, epochs=1, pretrain=False, quant="llm-int8" if bits == 8 else "nf4")
     session = Session(cfg, torch.device("cpu"))
     model = session.new_model(SEED)
     engine = make_engine("deepmlf", model, session.cfg, BATCHES, tmp / "q_engine")

@@ -16,7 +16,7 @@ from deepmlf_fast.model.deepmlf import DeepMLF  # noqa: E402
 from deepmlf_fast.model.losses import deepmlf_loss  # noqa: E402
 from helpers import make_batch, tiny_model_config  # noqa: E402
 
-QUANT = {8: ("Linear8bitLt", dict(load_in_8bit=True)), 4: ("Linear4bit", dict(load_in_4bit=True))}
+QUANT = {8: ("Linear8bitLt", dict(quant="llm-int8")), 4: ("Linear4bit", dict(quant="nf4"))}
 
 
 def _logits(model, tok):

@@ -1,0 +1,150 @@
+"""Weight-only 8-bit linear layers for a frozen backbone: int8 or FP8 (e4m3) weights with one
+float32 scale per output row, activations in the compute dtype (bf16/fp32).
+
+The product is `y = (x @ Q^T) diag(s) + b`: the 8-bit values are converted to the compute dtype
+(exactly) and multiplied with the device's dense GEMM, the scales applied to the small side.
+That is the fastest 8-bit product measured on CPU (`benchmarks/results/quant_gemm_cpu.md`): at the
+7B shapes on a 2-core EPYC it takes 1.04-1.15x the bf16 GEMM's time, where ATen's
+`_weight_int8pack_mm` took 2.7x, `_scaled_mm` with FP8 4.5x and bitsandbytes' LLM.int8
+1.15-1.7x. On CPU the forward converts
+the weight in blocks of output rows that stay in cache (`CPU_BLOCK_ELEMENTS`); FP8 on a CUDA
+device with rowwise `_scaled_mm` (sm_90 and newer) runs as an FP8 GEMM instead, the activation
+quantized per row on the fly.
+
+The weights are frozen: backward computes the input's gradient (and the bias's, when it
+requires one) with a transient dense copy of the layer, never a weight gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMATS: dict[str, tuple[torch.dtype, float]] = {
+    "int8": (torch.int8, 127.0),
+    "fp8": (torch.float8_e4m3fn, 448.0),
+}
+"""Weight format -> (storage dtype, largest magnitude the format holds)."""
+
+CPU_BLOCK_ELEMENTS = 1 << 21
+"""Dense elements per converted block of the forward on CPU (4 MiB in bf16: 512 rows of a
+4096-wide layer); `benchmarks/bench_quant.py --blocks` sweeps it."""
+
+
+def quantize_rowwise(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight (N, K)` float -> `(q (N, K) in FORMATS[fmt]'s dtype, scale (N,) float32)` with
+    `weight ~= scale[:, None] * q`: each row scaled so its largest magnitude maps to (just
+    under) the format's largest value (int8: round to nearest, |q| <= 127; fp8: e4m3, round to
+    nearest); every scale is a bf16 value."""
+    dtype, qmax = FORMATS[fmt]
+    w = weight.detach().to(torch.float32, copy=True)  # the one working copy: the rest is in place
+    lo, hi = torch.aminmax(w, dim=1)  # no |w| temporary
+    scale = torch.maximum(hi, lo.neg_()).div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
+    # Rounded up to a bf16 value (the low 16 bits of the float32 cleared, carrying up): the
+    # scale is then exact in every compute dtype, so dequantizing rounds once, and a row's
+    # largest magnitude still fits the format.
+    scale = scale.view(torch.int32).add_(0xFFFF).bitwise_and_(-0x10000).view(torch.float32)
+    w.div_(scale[:, None])
+    q = w.round_().clamp_(-qmax, qmax).to(dtype) if fmt == "int8" else w.to(dtype)
+    return q, scale
+
+
+def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(q (N, K), scale (N,))` -> the dense weight `(N, K)` in `dtype` that the layer stands for
+    (8-bit values and scales are exact in bf16: one rounding, of their product)."""
+    out = torch.empty(q.shape, dtype=dtype, device=q.device).copy_(q)
+    # The scale in out's own dtype (exact: a bf16 value): a mixed-dtype in-place multiply takes
+    # ATen's slow path on CPU (45 ms against 1.2 ms for a 4096 x 4096 bf16 weight).
+    return out.mul_(scale.to(dtype)[:, None])
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """Whether FP8 products run as `torch._scaled_mm` with rowwise scales on `device`
+    (CUDA compute capability 9.0 and newer); elsewhere FP8 weights are dequantized."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                       *, scaled_mm: bool = False) -> torch.Tensor:
+    """`x (..., K) @ (diag(scale) q)^T + bias` -> `(..., N)` in the compute dtype (autocast's
+    when enabled on x's device, else x's dtype).
+
+    Args:
+        x: activations `(..., K)`.
+        q: frozen 8-bit weight `(N, K)` (int8 or float8_e4m3fn), from `quantize_rowwise`.
+        scale: `(N,)` float32 row scales.
+        bias: `(N,)` or None.
+        scaled_mm: FP8 only: quantize `x` per row to e4m3 and run `torch._scaled_mm` with
+            rowwise scales (`scaled_mm_supported`); else the dequantized product.
+    """
+    return _WeightOnlyLinear.apply(x, q, scale, bias, scaled_mm)
+
+
+class _WeightOnlyLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q, scale, bias, scaled_mm):
+        device = x.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        with torch.autocast(device.type, enabled=False):
+            if scaled_mm and q.dtype == torch.float8_e4m3fn and not (q.shape[0] % 16 or q.shape[1] % 16):
+                y = _fp8_matmul(x2, q, scale, dtype)
+            else:
+                y = _dequantized_matmul(x2, q, scale, dtype)
+            if bias is not None:
+                y = y.add_(bias.to(dtype))
+        ctx.save_for_backward(q, scale)
+        ctx.x_shape, ctx.dtype = x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale = ctx.saved_tensors
+        g2 = grad.reshape(-1, q.shape[0])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _dequantized_matmul_t(g2, q, scale, g2.dtype).reshape(ctx.x_shape).to(ctx.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g2.float().sum(0)
+        return grad_x, None, None, grad_bias, None
+
+
+def _block(rows: int, row_len: int, device: torch.device) -> int:
+    """Rows per dequantized block: all of them off CPU (GPU memory bandwidth makes one dense
+    transient copy cheap), a cache-sized block on CPU."""
+    if device.type != "cpu":
+        return rows
+    return max(1, min(rows, CPU_BLOCK_ELEMENTS // max(row_len, 1)))
+
+
+def _dequantized_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x2 (M, K) @ W^T` -> `(M, N)`: the 8-bit values converted block of output rows by block,
+    the row scales applied to the `(M, N)` result (the small side) instead of to the weight."""
+    n, k = q.shape
+    c = _block(n, k, x2.device)
+    out = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
+    buf = torch.empty(c, k, dtype=dtype, device=x2.device)
+    for i in range(0, n, c):
+        j = min(i + c, n)
+        w = buf[: j - i].copy_(q[i:j])  # int8 and e4m3 values are exact in bf16 and fp32
+        if c == n:
+            torch.mm(x2, w.t(), out=out)
+        else:
+            out[:, i:j] = x2 @ w.t()
+    return out.mul_(scale.to(dtype))
+
+
+def _dequantized_matmul_t(g2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`g2 (M, N) @ W` = `(g2 diag(scale)) @ q` -> `(M, K)`, q converted whole: a transient dense
+    copy of one layer, which measured faster than any blocking on CPU (blocks of columns read
+    the weight strided; blocks of rows would accumulate the result in low precision)."""
+    w = torch.empty(q.shape, dtype=dtype, device=q.device).copy_(q)
+    return (g2 * scale.to(dtype)) @ w
+
+
+def _fp8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x2 (M, K) @ W^T` as an FP8 GEMM: x quantized to e4m3 per row, rowwise scales on both sides."""
+    qmax = FORMATS["fp8"][1]
+    xf = x2.float()
+    xs = xf.abs().amax(dim=1, keepdim=True).div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
+    x8 = (xf / xs).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(x8, q.t(), scale_a=xs, scale_b=scale[None, :].float(), out_dtype=dtype)

@@ -1,0 +1,78 @@
+"""`ops.selfcheck`: the kernels' first-contact self-check and what a failure does to the backend
+choice, on CPU through the interpreter, with a wrong kernel and a failing compile injected."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from deepmlf_fast.ops import dispatch, selfcheck
+from deepmlf_fast.ops.attention import varlen_attention
+
+
+@pytest.fixture
+def fresh(monkeypatch, device):
+    """No verdict of an earlier test: every check runs again."""
+    monkeypatch.setattr(selfcheck, "_verdicts", {})
+    monkeypatch.setattr(selfcheck, "_warned", set())
+    return torch.device(device)
+
+
+def _wrong_attention(real):
+    def wrong(q, k, v, *args, **kwargs):
+        return real(q, k, v, *args, **kwargs) * 1.01  # 1% off: a subtle miscompile
+    return wrong
+
+
+def test_the_real_kernels_pass_and_the_verdict_is_kept_for_the_process(fresh, monkeypatch):
+    assert selfcheck.run_checks(fresh) == {"attention": None, "gated_linear": None}
+    calls = []
+    monkeypatch.setattr(selfcheck, "run_checks", lambda d: calls.append(d) or {f: None for f in selfcheck.FAMILIES})
+    assert dispatch.resolve_backend("triton", fresh, ("attention", "gated_linear")) == "triton"
+    assert dispatch.resolve_backend("triton", fresh, ("attention",)) == "triton"
+    assert len(calls) == 1  # first contact only
+
+
+def test_a_wrong_kernel_is_caught_and_auto_falls_back_with_one_warning(fresh, monkeypatch, caplog):
+    import deepmlf_kernels.attention as attn
+
+    monkeypatch.setattr(attn, "varlen_attention_triton", _wrong_attention(attn.varlen_attention_triton))
+    verdicts = selfcheck.run_checks(fresh)
+    assert verdicts["gated_linear"] is None
+    assert verdicts["attention"].startswith("AssertionError: attention output differs from the float64 reference")
+    monkeypatch.setattr(selfcheck, "_verdicts", {selfcheck.device_key(fresh): verdicts})
+    with caplog.at_level(logging.WARNING, logger="deepmlf_fast.ops.selfcheck"):
+        for _ in range(3):
+            assert selfcheck.gate("auto", ("attention", "gated_linear"), fresh) == "reference"
+        assert selfcheck.gate("auto", ("gated_linear",), fresh) == "triton"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "attention kernels failed" in warnings[0] and "relative error" in warnings[0]
+    assert "Triton interpreter" in warnings[0]
+
+
+def test_a_failing_compile_is_an_error_under_backend_triton(fresh, monkeypatch):
+    import deepmlf_kernels.gated_linear as gl
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120\nptxas fatal")
+
+    monkeypatch.setattr(gl, "gated_linear", broken)
+    with pytest.raises(RuntimeError, match=r"backend='triton': the gated_linear kernels failed their first-contact "
+                                           r"self-check on cpu \(the Triton interpreter\): RuntimeError: PTX .version"):
+        dispatch.resolve_backend("triton", fresh, ("gated_linear",))
+    # The attention family is unaffected and keeps running its kernels.
+    q = torch.randn(6, 2, 32)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    out = varlen_attention(q, q, q, cu, cu, 6, 6, backend="triton")
+    assert out.shape == q.shape
+
+
+def test_a_verdict_is_stored_per_device_and_read_back(fresh, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPMLF_CACHE", str(tmp_path))
+    key = "NVIDIA H200 sm_90 | driver 12080 cuda 12.8 | torch 2.13.0 triton 3.6.0 deepmlf-fast 0.1.0"
+    selfcheck._store(key, {"attention": "AssertionError: x", "gated_linear": None})
+    assert selfcheck._cached(key) == {"attention": "AssertionError: x", "gated_linear": None}
+    assert selfcheck._cached(key.replace("sm_90", "sm_89")) is None  # another device: checked again
+    assert selfcheck.last_result()["device"] == key

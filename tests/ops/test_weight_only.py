@@ -1,0 +1,117 @@
+"""`ops.weight_only` / `layers.WeightOnlyLinear`: row-wise int8 and FP8 weights, products and
+input gradients against an fp64 reference of the same dequantized weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from deepmlf_fast.layers.weight_only import WeightOnlyLinear
+from deepmlf_fast.ops import weight_only
+from deepmlf_fast.ops.weight_only import dequantize_rowwise, quantize_rowwise, weight_only_linear
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def test_int8_rows_map_their_largest_magnitude_to_127_and_round_to_nearest():
+    w = torch.randn(37, 53, dtype=torch.float64) * torch.logspace(-3, 2, 37, dtype=torch.float64)[:, None]
+    w[5] = 0.0  # an all-zero row keeps a finite scale
+    q, s = quantize_rowwise(w, "int8")
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (37,)
+    assert torch.isfinite(s).all() and (q[5] == 0).all()
+    nz = torch.arange(37) != 5
+    # Each scale is amax / 127 rounded up to a bf16 value: exact in every compute dtype.
+    assert torch.equal(s.to(torch.bfloat16).float(), s)
+    exact = w[nz].abs().amax(1) / 127
+    assert (s[nz].double() >= exact * (1 - 1e-7)).all() and (s[nz].double() <= exact * (1 + 2**-7)).all()
+    assert (q[nz].abs().amax(1) >= 126).all()
+    ref = (w.float() / s[:, None]).double()  # what the float32 division hands to round()
+    assert ((q.double() - ref).abs() <= 0.5 + 1e-6).all()
+
+
+def test_fp8_rows_use_the_e4m3_range_and_round_trip_within_its_precision():
+    w = torch.randn(64, 96, dtype=torch.float64)
+    q, s = quantize_rowwise(w, "fp8")
+    assert q.dtype == torch.float8_e4m3fn
+    assert (q.float().abs().amax(1) >= 416).all()  # 448 / (1 + 2^-7), rounded to e4m3
+    back = dequantize_rowwise(q, s, torch.float64)
+    # e4m3 has 3 mantissa bits: relative rounding error <= 2^-4 for normal values.
+    big = w.abs() > s[:, None].double() * 2**-6
+    assert ((back - w).abs()[big] <= w.abs()[big] * 2**-4 + 1e-12).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [None, 300])
+def test_product_and_gradients_match_fp64_on_odd_shapes(fmt, dtype, block, monkeypatch):
+    """Forward `(M, K) @ W^T + b`, the input's and the bias's gradients, in one block and in many
+    (`block` dense elements per block: 300 splits 53 x 67 into blocks of 4-5 rows / columns,
+    the last one short), each within 2x the error of torch's dense product of the same
+    dequantized weight in the same dtype."""
+    if block is not None:
+        monkeypatch.setattr(weight_only, "CPU_BLOCK_ELEMENTS", block)
+    torch.manual_seed(0)
+    m, k, n = 29, 67, 53
+    q, s = quantize_rowwise(torch.randn(n, k), fmt)
+    w64 = dequantize_rowwise(q, s, torch.float64)
+    bias = torch.randn(n, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, m, k, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, m, n, dtype=dtype)
+    y = weight_only_linear(x, q, s, bias)
+    y.backward(g)
+    assert y.dtype == dtype and y.shape == (2, m, n) and x.grad.dtype == dtype
+
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    y64 = x64 @ w64.t() + b64
+    y64.backward(g.double())
+    xd, bd = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    yd = xd @ dequantize_rowwise(q, s, dtype).t() + bd
+    yd.backward(g)
+    for ours, dense, ref in ((y, yd, y64), (x.grad, xd.grad, x64.grad), (bias.grad, bd.grad, b64.grad)):
+        assert _err(ours, ref) <= 2 * _err(dense, ref) + 1e-7, (_err(ours, ref), _err(dense, ref))
+
+
+def test_autocast_computes_in_its_dtype_and_scaled_mm_fp8_stays_close_to_the_dequantized_product():
+    torch.manual_seed(1)
+    q, s = quantize_rowwise(torch.randn(48, 64), "fp8")
+    x = torch.randn(33, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = weight_only_linear(x, q, s)
+    assert y.dtype == torch.bfloat16
+    ref = x.double() @ dequantize_rowwise(q, s, torch.float64).t()
+    assert _err(y, ref) < 1e-2
+    # The FP8 GEMM a CUDA sm_90+ device runs: activations rounded to e4m3 per row too (2^-4
+    # relative per element), so the error is that of one more e4m3 rounding, not more.
+    y8 = weight_only_linear(x, q, s, scaled_mm=True)
+    assert 1e-3 < _err(y8, ref) < 5e-2
+    x.requires_grad_()
+    weight_only_linear(x, q, s, scaled_mm=True).sum().backward()  # backward: the dequantized weight
+    torch.testing.assert_close(x.grad.double(), dequantize_rowwise(q, s, torch.float64).sum(0).expand(33, 64),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_layer_from_linear_and_conv1d_keeps_its_bytes_under_dtype_casts(fmt):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(2)
+    lin = nn.Linear(40, 24)
+    layer = WeightOnlyLinear.from_linear(lin, fmt)
+    assert not list(layer.parameters()) and layer.weight.shape == (24, 40)
+    x = torch.randn(5, 40)
+    ref = x.double() @ layer.dequantized(torch.float64).t() + lin.bias.double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert _err(layer.dequantized(), lin.weight.detach().double()) < (5e-3 if fmt == "int8" else 5e-2)
+    before = layer.weight.clone()
+    layer.to(torch.bfloat16)  # the 8-bit bytes are not floating-point storage: untouched
+    assert torch.equal(layer.weight, before)
+
+    conv = Conv1D(24, 40)  # (in, out) weight
+    conv.weight.data.normal_()
+    from_conv = WeightOnlyLinear.from_linear(conv, fmt)
+    torch.testing.assert_close(from_conv(x).double(), x.double() @ from_conv.dequantized(torch.float64).t()
+                               + conv.bias.double(), rtol=1e-5, atol=1e-5)
+    assert _err(from_conv.dequantized().t(), conv.weight.detach().double()) < 5e-2
