@@ -223,6 +223,12 @@ def estimate_memory(
     return MemoryEstimate(gpu=gpu, host=host, assumptions=assumptions, title=title, build=build)
 
 
+def _ffn_width(c) -> int:
+    """The decoder FFN's inner width of a transformers config (Llama `intermediate_size`, GPT-2
+    `n_inner`, else 4 x hidden)."""
+    return getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+
+
 def _build_line(counts: ParamCounts, lm_bytes: int, dtype: str) -> Line:
     """What building the backbone holds besides its final weights (before training starts, so it
     never meets the activations): a quantized backbone is built one decoder layer at a time
@@ -230,7 +236,7 @@ def _build_line(counts: ParamCounts, lm_bytes: int, dtype: str) -> Line:
     float32 working copy of the linear being quantized."""
     c = counts.lm_config
     layers = c.num_hidden_layers
-    inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+    inner = _ffn_width(c)
     layer = counts.quantizable / layers * lm_bytes
     working = 4 * c.hidden_size * inner
     return Line("backbone build (transient)", layer + working,
@@ -243,7 +249,7 @@ def _activations(cfg: RunConfig, c, batch: int, text_len: int, act: int, mm_act:
     m = cfg.model
     llama = c.model_type != "gpt2"
     dim = c.hidden_size
-    inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * dim
+    inner = _ffn_width(c)
     heads = c.num_attention_heads
     kv_dim = getattr(c, "num_key_value_heads", heads) * (dim // heads)
     n_layers = c.num_hidden_layers

@@ -17,6 +17,8 @@ requires one) with a transient dense copy of the layer, never a weight gradient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -60,7 +62,13 @@ def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
 def scaled_mm_supported(device: torch.device) -> bool:
     """Whether FP8 products run as `torch._scaled_mm` with rowwise scales on `device`
     (CUDA compute capability 9.0 and newer); elsewhere FP8 weights are dequantized."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and _capability(device.index if device.index is not None
+                                                 else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)  # asked by every FP8 linear's forward: one driver query per device
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -324,22 +324,15 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
     trained the run (`run_training`'s), whose backbone and data are reused instead of loaded
     again (a 7B backbone is not built twice); `device` and `data_path` are then its own."""
     rd = RunDir(run_dir)
-    if session is not None:
-        seed = session.cfg.train.seeds[0] if seed is None else seed
-        if not rd.best(seed).is_file():
-            raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model")
-        model = session.new_model(seed)
-        model.load_trained_state_dict(load_weights(rd.best(seed)))
-        return session, model
-    cfg = rd.read_config()
-    if data_path is not None:
+    cfg = session.cfg if session is not None else rd.read_config()
+    if session is None and data_path is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))
     seed = cfg.train.seeds[0] if seed is None else seed
     if not rd.best(seed).is_file():
         raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model")
-    dataset_spec(cfg.data.dataset)
-    data = load_run_data(cfg, require_labels)
-    session = Session(cfg, device, data)
+    if session is None:
+        dataset_spec(cfg.data.dataset)
+        session = Session(cfg, device, load_run_data(cfg, require_labels))
     model = session.new_model(seed)
     model.load_trained_state_dict(load_weights(rd.best(seed)))
     return session, model
