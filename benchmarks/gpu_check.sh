@@ -9,6 +9,9 @@
 #                the GPU's settings)
 #   compile      python -m deepmlf_kernels.aot: every Triton kernel for sm_90, one job per CPU core
 #   correctness  pytest tests/ops on the device, all of it (no -x), on GPU_CHECK_TEST_WORKERS workers
+#   bench        `deepmlf bench --steps 5 --out benchmarks/results/bench`: the product command any user
+#                runs (self-check, kernels vs SDPA/Flex/flash-attn at the recipes' shapes, whole step,
+#                auto's per-site choice); its Markdown/CSV land in results.tar.gz, the table in the log
 #   xattn        cross-attention microbenchmarks, recorded (--record --bench-device cuda)
 #   sattn        self-attention microbenchmarks, recorded
 #   step         the step parity sanity test, then the whole-step benchmark, recorded
@@ -20,8 +23,8 @@
 #
 # Time. After the setup (at most 90 s, about 20 expected), every section ends by its milestone, a
 # share of the budget counted from the start:
-#   env 8% | compile 16% | correctness 40% | xattn 51% | sattn 62% | step 71% | quant 77% | mem7b 97% | table 100%
-#   (at 480 s: 38 | 77 | 192 | 245 | 298 | 350 | 466 | 480 s)
+#   env 8% | compile 16% | correctness 38% | bench 56% | xattn 63% | sattn 69% | step 75% | quant 80% | mem7b 97% |
+#   table 100%  (at 480 s: 38 | 77 | 182 | 268 | 302 | 331 | 360 | 384 | 466 | 480 s)
 # so time an earlier section leaves unused goes to the next one, and no section eats a later one's
 # share. At its limit a section gets SIGINT (pytest stops, prints its summary and records the rows
 # measured so far; the step benchmark's runner processes stop too), SIGKILL 10 s later; the benchmark
@@ -38,9 +41,10 @@
 # Usage:
 #   bash benchmarks/gpu_check.sh [section ...]            on the GPU machine (default: every section)
 #   bash benchmarks/gpu_check.sh --dry-run                no GPU (CI): setup, the carried-size budget,
-#                                                         and pytest --collect-only of exactly the
+#                                                         pytest --collect-only of exactly the
 #                                                         selections the sections run, collected as on a
-#                                                         CUDA machine (scripts/dryrun_cuda_plugin.py)
+#                                                         CUDA machine (scripts/dryrun_cuda_plugin.py),
+#                                                         and `deepmlf bench --dry-run`
 # Device call (benchmarks/README.md): `bash scripts/gpu_carry.sh` here, then run the command
 #   `bash benchmarks/gpu_check.sh` with carry [".cache/gpu_carry"] and timeout_s 540.
 #
@@ -64,7 +68,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   DRY_RUN=1
   shift
 fi
-ALL_SECTIONS=(env compile correctness xattn sattn step quant mem7b table)
+ALL_SECTIONS=(env compile correctness bench xattn sattn step quant mem7b table)
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL_SECTIONS[@]}")
 for s in "${SECTIONS[@]}"; do
@@ -74,9 +78,10 @@ done
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 GRACE=10  # seconds between a section's SIGINT and its SIGKILL
 SETUP_LIMIT_S=90
-declare -A MILESTONE_PCT=([env]=8 [compile]=16 [correctness]=40 [xattn]=51 [sattn]=62 [step]=71 [quant]=77 [mem7b]=97
-                          [table]=100)
-declare -A MIN_S=([env]=5 [compile]=20 [correctness]=30 [xattn]=20 [sattn]=30 [step]=40 [quant]=15 [mem7b]=80 [table]=5)
+declare -A MILESTONE_PCT=([env]=8 [compile]=16 [correctness]=38 [bench]=56 [xattn]=63 [sattn]=69 [step]=75 [quant]=80
+                          [mem7b]=97 [table]=100)
+declare -A MIN_S=([env]=5 [compile]=20 [correctness]=30 [bench]=60 [xattn]=20 [sattn]=25 [step]=25 [quant]=15
+                  [mem7b]=80 [table]=5)
 # Seconds before its limit a benchmark suite stops starting cases: longer than one case (sattn compiles
 # FlexAttention per shape; a step case is a fresh process that builds its model).
 declare -A BENCH_MARGIN_S=([xattn]=10 [sattn]=20 [step]=45)
@@ -136,6 +141,7 @@ detail_of() {
     env) grep -E '^device ' "$log" | tail -1 ;;
     carry-size) grep -E '^gpu_carry: ' "$log" | tail -1 | sed 's/^gpu_carry: //' ;;
     compile) grep -E '^aot: ' "$log" | tail -1 ;;
+    bench) grep -E '^(wrote |- (self|cross)_attention: |  [0-9]\. )' "$log" | tail -3 | tr '\n' ' ' | cut -c1-300 ;;
     table) [ -f "$OUT_DIR/bench_tables.md" ] && echo "$(grep -c '^### ' "$OUT_DIR/bench_tables.md") tables" ;;
     mem7b) [ "$2" = ok ] && "${PY[@]}" -c "$MEM7B_DETAIL" ;;  # a failed run leaves an older record in place
     *)
@@ -310,6 +316,7 @@ main() {
     for name in correctness xattn sattn step; do
       want "$name" && collect "$name"
     done
+    want bench && run_limited bench 120 "${PY[@]}" -m deepmlf_fast bench --dry-run
     summary
     return
   fi
@@ -320,6 +327,7 @@ main() {
     [ "$WORKERS" -gt 1 ] && xdist=(-n "$WORKERS")
     DEEPMLF_TRITON_CONFIG="$TRITON_PIN" section correctness "${PYTEST[@]}" "${xdist[@]}" "${SEL_correctness[@]}"  # empty: unpinned
   fi
+  want bench && section bench "${PY[@]}" -m deepmlf_fast bench --steps 5 --out benchmarks/results/bench
   want xattn && section xattn "${PYTEST[@]}" "${SEL_xattn[@]}"
   want sattn && section sattn "${PYTEST[@]}" "${SEL_sattn[@]}"
   want step && section step "${PYTEST[@]}" "${SEL_step[@]}"

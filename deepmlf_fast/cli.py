@@ -1,5 +1,5 @@
 """`deepmlf` command line: train | eval | predict | report | sweep | make-synthetic | convert-data |
-estimate-memory | presets | env.
+estimate-memory | presets | env | bench.
 
     deepmlf train                                   # embedded default: synthetic MOSI + SmolLM2-135M
     deepmlf train --data unaligned_50.pkl --dataset mosi --backbone gpt2 --output-dir runs/mosi
@@ -10,6 +10,7 @@ estimate-memory | presets | env.
     deepmlf sweep --grid fusion.n_tokens=4,8,12,20 --grid fusion.mm_layers=depth:1,3,5,7 --output-dir sweeps/mosi
     deepmlf estimate-memory --backbone llama-7b --dataset mosei --load-in-8bit --zero 2 --batch-size 32
     deepmlf env                                     # versions, device, what --precision auto picks here
+    deepmlf bench                                   # on a GPU: self-check, kernel and step timings, tables
 """
 
 from __future__ import annotations
@@ -320,6 +321,23 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from deepmlf_fast.bench import command
+
+    opts = command.check_options(args.device, args.out, args.steps, record=not args.no_record)
+    plan = command.plan_lines(opts)
+    if args.dry_run or opts.device.type != "cuda":
+        if not args.dry_run:
+            print(f"deepmlf bench measures the Triton kernels on a CUDA GPU; {opts.device} is not one, so nothing "
+                  "was run. On a GPU it would run:")
+        print("\n".join(plan))
+        return 0
+    md, csv_path = command.run(opts)
+    print(md.read_text())
+    print(f"wrote {md} and {csv_path}")
+    return 0
+
+
 PREDICT_DESCRIPTION = """\
 Write one CSV row per sample: id, label, label_class, pred (the multimodal prediction),
 pred_text, pred_av, pred_fusion (each head's; fusion: mean over the fusion tokens) and
@@ -424,6 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device to describe (default: CUDA if present, else CPU)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("bench", help="on a GPU: kernel self-check, kernel and whole-step timings, Markdown/CSV tables",
+                       description="For anyone with a GPU: runs the kernels' first-contact self-check, times our "
+                                   "attention kernels against SDPA, FlexAttention and flash-attn (where installed) "
+                                   "at the recipes' shapes (us per call, %% of the measured copy bandwidth), times a "
+                                   "few training steps of the demo recipe with each backend, records which backend "
+                                   "`--backend auto` runs at each attention site on this device, and writes "
+                                   "bench-<device>-<date>.md/.csv. Takes a few minutes. On a CPU it prints what it "
+                                   "would run and exits 0.")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N (default: CUDA if present, else CPU)")
+    p.add_argument("--out", default="deepmlf-bench", help="folder of the tables (default ./deepmlf-bench)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per backend (default 10)")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not record auto's per-site choice for this device (measure only)")
+    p.add_argument("--dry-run", action="store_true", help="print what it would run and exit")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -37,6 +37,7 @@ import torch
 from deepmlf_fast.config import PrecisionName, Resolved, RunConfig
 from deepmlf_fast.errors import ConfigError, DeepMLFError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
+from deepmlf_fast.ops import autochoice
 from deepmlf_fast.ops.dispatch import resolve_backend, triton_available
 from deepmlf_fast.ops.selfcheck import last_result
 
@@ -354,6 +355,7 @@ def environment_report(device: str = "auto", recipe_precision: str = "bf16") -> 
         "auto_attention_backend": resolve_backend("auto", dev),
         "tf32_default": "off (--tf32 turns it on for CUDA fp32 runs)",
         "kernel_selfcheck": last_result(),
+        "bench_choice": autochoice.last_record(),
     }
 
 
@@ -380,4 +382,11 @@ def format_report(report: dict) -> str:
         verdicts = ", ".join(f"{family} {'ok' if err is None else 'FAILED (' + err + ')'}"
                              for family, err in check["verdicts"].items())
         lines.append(f"kernel check    {check['time']}, {check['device']}: {verdicts}")
+    choice = report["bench_choice"]
+    if choice is None:
+        lines.append("auto per site   no measurement yet (`deepmlf bench` on a GPU times the kernels against SDPA and "
+                     "records what auto runs at each attention site)")
+    else:
+        sites = ", ".join(f"{site} {backend}" for site, backend in choice["choices"].items())
+        lines.append(f"auto per site   {sites} (deepmlf bench {choice['time']}, {choice['device']})")
     return "\n".join(lines)

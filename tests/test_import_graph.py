@@ -15,7 +15,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("data", "config", "ops"),
     ("layers", "backbones", "hardware", "metrics"),
     ("model", "presets"),
-    ("train", "integrations", "memory"),
+    ("train", "integrations", "memory", "bench"),
     ("report",),
     ("cli",),
     ("__main__", "__init__"),

@@ -32,6 +32,15 @@ from deepmlf_fast.ops.dropout import dropout
 MATH_PATH_MAX_KEYS = 256
 
 
+def sdpa_core(t: torch.Tensor) -> bool:
+    """True where the reference ops (`varlen_attention_reference`, the cross-attention's) run
+    their attention core through `F.scaled_dot_product_attention` whatever the length: off the
+    CPU, where SDPA's fused kernels beat explicit scores and the reference is what `auto` falls
+    back to where the Triton kernels lose (`deepmlf bench`). On CPU the explicit softmax is
+    several times faster at the recipes' lengths, and keeps CPU results as they were."""
+    return t.device.type != "cpu"
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,7 +73,7 @@ def varlen_attention(
         `(Nq, Hq, d)` attention output in q's dtype.
     """
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
-    if resolve_backend(backend, q, ("attention",)) == "triton":
+    if resolve_backend(backend, q, ("attention",), "self_attention") == "triton":
         from deepmlf_kernels.attention import varlen_attention_triton
 
         if torch.is_autocast_enabled(q.device.type):
@@ -97,8 +106,9 @@ def varlen_attention_reference(
     seqused_k: torch.Tensor | None = None,
     dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch `varlen_attention`: pad, masked softmax attention, unpad (SDPA beyond
-    `MATH_PATH_MAX_KEYS` keys, where the explicit scores would cost too much memory).
+    """Plain PyTorch `varlen_attention`: pad, masked softmax attention, unpad. The core is
+    explicit scores on CPU up to `MATH_PATH_MAX_KEYS` keys, SDPA beyond (where the scores would
+    cost too much memory) and on every other device (`sdpa_core`).
 
     `dropout_mask`, when given, is a `(B, Hq, max_seqlen_q, max_seqlen_k)` bool keep-mask
     applied instead of random dropout (tests use it to replay a kernel's dropout).
@@ -135,7 +145,7 @@ def varlen_attention_reference(
     safe[..., 0] |= ~has_key
     mask = safe[:, None].repeat(1, 1, group, 1)  # (B, 1, G*Lq, Lk)
 
-    if dropout_mask is not None or max_seqlen_k <= MATH_PATH_MAX_KEYS:
+    if dropout_mask is not None or (max_seqlen_k <= MATH_PATH_MAX_KEYS and not sdpa_core(q)):
         # Explicit softmax: at these lengths it is several times faster on CPU than SDPA's
         # fused kernel (whose bf16 backward is slow), and it can replay a given dropout mask.
         # Scores in fp32 at least, but fp64 stays fp64 (fp64 gradchecks).

@@ -39,6 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from deepmlf_fast.ops.attention import sdpa_core
 from deepmlf_fast.ops.dispatch import kernel_dtype, resolve_backend
 from deepmlf_fast.ops.dropout import dropout
 from deepmlf_fast.ops.gate import GATES, gate_value
@@ -97,7 +98,7 @@ def gated_cross_attention(
         n_heads=n_heads, norm=norm, norm_eps=norm_eps, gate=gate, scale=scale, av_lengths=av_lengths,
         dropout_p=dropout_p, resid_dropout_p=resid_dropout_p, form=form,
     )
-    if resolve_backend(backend, x, ("attention", "gated_linear")) == "triton":
+    if resolve_backend(backend, x, ("attention", "gated_linear"), "cross_attention") == "triton":
         return gated_cross_attention_triton(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, **kwargs)
     return gated_cross_attention_reference(x, av, norm_weight, norm_bias, w_q, w_kv, w_o, alpha, **kwargs)
 
@@ -154,12 +155,16 @@ def gated_cross_attention_reference(
         keys = kv[..., :dim].reshape(bsz, n_kv, n_heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
         values = kv[..., dim:].reshape(bsz, n_kv, n_heads, head_dim).transpose(1, 2)
 
-    scores = torch.matmul(q_t, keys.transpose(-1, -2)) * scale  # (B, H, F, L)
-    scores = scores.masked_fill(~safe[:, None, None, :], float("-inf"))
-    # softmax in fp32 at least, fp64 stays fp64 (gradcheck)
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(x.dtype)
-    probs = _dropout(probs, dropout_p, attn_dropout_mask)
-    ctx = torch.matmul(probs, values)  # (B, H, F, Dkv or Dh)
+    if attn_dropout_mask is None and sdpa_core(x):
+        ctx = F.scaled_dot_product_attention(q_t, keys, values, attn_mask=safe[:, None, None, :], dropout_p=dropout_p,
+                                             scale=scale, enable_gqa=form == "absorbed")  # (B, H, F, Dkv or Dh)
+    else:
+        scores = torch.matmul(q_t, keys.transpose(-1, -2)) * scale  # (B, H, F, L)
+        scores = scores.masked_fill(~safe[:, None, None, :], float("-inf"))
+        # softmax in fp32 at least, fp64 stays fp64 (gradcheck)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(x.dtype)
+        probs = _dropout(probs, dropout_p, attn_dropout_mask)
+        ctx = torch.matmul(probs, values)  # (B, H, F, Dkv or Dh)
     ctx = ctx * has_key[:, None, None, None].to(ctx.dtype)
     ctx = ctx.transpose(1, 2).reshape(bsz, n_q, -1)  # (B, F, H*Dkv or D)
     y = ctx @ n_o if form == "absorbed" else ctx @ w_o.t()  # (B, F, D)

@@ -35,11 +35,14 @@ def kernel_dtype(t: torch.Tensor, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else default
 
 
-def resolve_backend(backend: str, where: torch.Tensor | torch.device | str, families: tuple[str, ...] = ()) -> str:
+def resolve_backend(backend: str, where: torch.Tensor | torch.device | str, families: tuple[str, ...] = (),
+                    site: str | None = None) -> str:
     """Map 'auto' | 'triton' | 'reference' to the backend that will run for tensors on `where`
     (a tensor, or a device: what a run records before it has tensors).
 
-    'auto' picks Triton for CUDA tensors when Triton is installed, else the reference.
+    'auto' picks Triton for CUDA tensors when Triton is installed, else the reference; at an
+    attention `site` (`autochoice.SITES`) where `deepmlf bench` measured the reference (SDPA)
+    faster on this device, the reference there.
     'triton' on CPU tensors is only valid under `TRITON_INTERPRET=1` (tests).
     `families`: the kernel families (`selfcheck.FAMILIES`) the op would launch; Triton then
     also needs each one's first-contact self-check on the device to pass (`selfcheck.gate`:
@@ -55,6 +58,12 @@ def resolve_backend(backend: str, where: torch.Tensor | torch.device | str, fami
     if backend == "auto" and not (is_cuda and triton_available()):
         return "reference"
     if backend == "auto":
+        device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+        if site is not None:
+            from deepmlf_fast.ops.autochoice import measured_choice
+
+            if measured_choice(site, device) == "reference":
+                return "reference"
         return _checked(backend, where, families)
     if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package (pip install deepmlf-fast[triton])")

@@ -14,10 +14,12 @@ shows the last one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -66,9 +68,37 @@ def device_key(device: torch.device) -> str:
     if device.type != "cuda":
         return f"{device.type} interpreter | {versions}"
     major, minor = torch.cuda.get_device_capability(device)
-    driver = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else "?"
-    return (f"{torch.cuda.get_device_name(device)} sm_{major}{minor} | driver {driver} cuda {torch.version.cuda} | "
-            f"{versions}")
+    return (f"{torch.cuda.get_device_name(device)} sm_{major}{minor} | driver {cuda_driver()} cuda {torch.version.cuda} "
+            f"| {versions}")
+
+
+@functools.cache
+def cuda_driver() -> str:
+    """The NVIDIA driver's version (NVML, else `nvidia-smi`), or "unknown": torch does not say."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        found = pynvml.nvmlSystemGetDriverVersion()
+        return found.decode() if isinstance(found, bytes) else str(found)
+    except Exception:  # noqa: BLE001 - NVML missing or not permitted: ask nvidia-smi
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return out[0] if out else "unknown"
+
+
+def recheck(device: torch.device) -> dict[str, str | None]:
+    """Run every family's check on `device` now, even when a verdict is known (`deepmlf bench`),
+    and keep the result for this process (and on disk for a CUDA device)."""
+    found = run_checks(device)
+    if device.type == "cuda":
+        _store(device_key(device), found)
+    _verdicts[device_key(device)] = found
+    return found
 
 
 def run_checks(device: torch.device) -> dict[str, str | None]:
