@@ -138,28 +138,38 @@ def main(argv=None) -> int:
 
 
 def write(out: Path, rows: list[dict], device: str, v: dict, commit: str) -> None:
+    """Write the JSON and Markdown tables; rows of methods not run now are kept from the last
+    record on the same device, each with its own commit and date."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_7b_cpu.json").write_text(json.dumps({"device": device, "versions": v, "commit": commit,
-                                                        "date": datetime.date.today().isoformat(), "rows": rows},
-                                                       indent=1) + "\n")
+    today = datetime.date.today().isoformat()
+    rows = [{**r, "commit": commit, "date": today} for r in rows]
+    path = out / "bench_7b_cpu.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("device") == device:
+            run_now = {r["quant"] for r in rows}
+            kept = [{"commit": old.get("commit"), "date": old.get("date"), **r} for r in old["rows"]
+                    if r["quant"] not in run_now]
+            rows = sorted(kept + rows, key=lambda r: METHODS.index(r["quant"]) if r["quant"] in METHODS else 99)
+    path.write_text(json.dumps({"device": device, "versions": v, "rows": rows}, indent=1) + "\n")
     import torch
 
     lines = [
         "# Llama-7B architecture on CPU: build, train, report (`benchmarks/bench_7b.py`)", "",
         f"- device: {device}; ATen ISA path {torch.backends.cpu.get_cpu_capability()}; torch {v['torch']}, "
-        f"transformers {v['transformers']}; commit {commit}; {datetime.date.today().isoformat()}",
+        f"transformers {v['transformers']}; each row's commit and date in its last columns",
         f"- train: `deepmlf train --data mosei8.pkl {' '.join(TRAIN)} --quant <method>` (8/4/4 synthetic MOSEI "
         "samples: 2 training steps, validation, test, report)",
         "- build: `load_backbone` alone in a fresh process; final = every parameter and buffer of the built "
         "model; one dense layer = a Llama-7B decoder layer in bf16 (405 MB)", "",
         "| quant | build s | build peak GiB | final + 1 layer GiB | build peak / (final + layer) | epoch s "
-        "| run wall s | report s (second build?) | run peak GiB | estimate GiB | run peak / estimate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run wall s | report s (second build?) | run peak GiB | estimate GiB | run peak / estimate | commit | date |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     lines += [f"| {r['quant']} | {r['build_s']} | {r['build_peak_gib']} | {r['final_plus_layer_gib']} | "
               f"{r['build_peak_over_final_plus_layer']} | {r['epoch_s']} | {r['run_wall_s']} | {r['report_s']} "
               f"({'yes' if r['report_builds_backbone'] else 'no'}) | {r['run_peak_gib']} | {r['estimate_gib']} | "
-              f"{r['run_peak_over_estimate']} |" for r in rows]
+              f"{r['run_peak_over_estimate']} | {r['commit']} | {r['date']} |" for r in rows]
     (out / "bench_7b_cpu.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'bench_7b_cpu.md'}")
 

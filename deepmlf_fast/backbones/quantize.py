@@ -28,6 +28,13 @@ from deepmlf_fast.layers.weight_only import WeightOnlyLinear
 
 WEIGHT_ONLY = {"int8-weight-only": "int8", "fp8": "fp8"}
 """`--quant` method (`config.QuantName`) -> `WeightOnlyLinear` format."""
+WHOLE_WEIGHT_COPIES = ("llm-int8", "nf4")
+"""Methods whose CPU training products make a dense copy of each whole weight per call
+(bitsandbytes' `MatMul8bitFp` and 4-bit path: 33-90 MB per linear at 7B). With freed memory kept
+in glibc's heap (`hardware.keep_freed_memory`) those copies and the activations saved between
+them fragment it: the issue-19 7B LLM.int8 run peaked at 22.9 GiB with it and 13.5 GiB without
+(the estimate: 13.5), its epoch at 70 s against 213 s. A CPU run with these methods returns
+freed memory to the kernel (`train.run.Session`): a 7B run must fit the machine first."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from deepmlf_fast.backbones.load import LoadedBackbone, backbone_config, load_backbone
+from deepmlf_fast.backbones.quantize import WHOLE_WEIGHT_COPIES
 from deepmlf_fast.config import RunConfig, validate_config, with_av_widths
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
 from deepmlf_fast.data.mmsa import MMSASplit
@@ -116,7 +117,10 @@ class Session:
             self.cfg = cfg
             r, m = cfg.resolved, cfg.model
             self.backbone = LoadedBackbone(model.lm, tokenizer, model.spec, model.pad_id, m.backbone)
-        if device.type == "cpu":
+        if device.type == "cpu" and m.quant in WHOLE_WEIGHT_COPIES:
+            log.info("--quant %s on CPU: freed memory goes back to the kernel (faster steps would cost several GiB "
+                     "of heap fragmentation at 7B; --quant int8-weight-only has both)", m.quant)
+        elif device.type == "cpu":
             # Only now: while a backbone is built layer by layer, freed dense layers must go back
             # to the kernel (glibc's default for large blocks), or the build's peak grows with them.
             keep_freed_memory()
