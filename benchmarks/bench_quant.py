@@ -97,7 +97,9 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         from deepmlf_fast.hardware import keep_freed_memory
 
-        keep_freed_memory()  # as every CPU run does (`resolve_run`): freed blocks are reused, not refaulted
+        # Every method on a kept heap (freed blocks reused, not refaulted): what the kernels cost. A
+        # CPU run keeps it for the weight-only methods only (`quantize.WHOLE_WEIGHT_COPIES`).
+        keep_freed_memory()
     info = describe_device(device.type)
     methods = list(args.methods)
     try:
