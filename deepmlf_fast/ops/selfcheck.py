@@ -35,22 +35,19 @@ TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 """Largest relative error (norm of the difference over the norm of the float64 reference) of
 an output or gradient: TF32 products reach ~1e-3, bf16 ones ~1e-2."""
 
-_verdicts: dict[str, dict[str, str | None]] = {}  # device key -> {family: None (passed) or the error}
+_verdicts: dict[str, dict[str, str | None]] = {}  # str(device) -> {family: None (passed) or the error}
 _warned: set[tuple[str, str]] = set()
 
 
 def verdict(family: str, device: torch.device) -> str | None:
     """None when `family` passed its self-check on `device` (run now on first contact), else
-    the failure in one line."""
-    key = device_key(device)
-    if key not in _verdicts:
-        found = _cached(key) if device.type == "cuda" else None
+    the failure in one line. Every op call asks, so after the first a dict lookup answers."""
+    if str(device) not in _verdicts:
+        found = _cached(device_key(device)) if device.type == "cuda" else None
         if found is None:
-            found = run_checks(device)
-            if device.type == "cuda":
-                _store(key, found)
-        _verdicts[key] = found
-    return _verdicts[key][family]
+            return recheck(device)[family]
+        _verdicts[str(device)] = found
+    return _verdicts[str(device)][family]
 
 
 def device_key(device: torch.device) -> str:
@@ -97,7 +94,7 @@ def recheck(device: torch.device) -> dict[str, str | None]:
     found = run_checks(device)
     if device.type == "cuda":
         _store(device_key(device), found)
-    _verdicts[device_key(device)] = found
+    _verdicts[str(device)] = found
     return found
 
 

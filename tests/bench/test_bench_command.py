@@ -48,7 +48,7 @@ def stand_in_kernels(monkeypatch):
 
         monkeypatch.setattr(attn, "varlen_attention_triton", varlen)
         monkeypatch.setattr(xattn, "gated_cross_attention_triton", cross)
-        monkeypatch.setattr(selfcheck, "_verdicts", {selfcheck.device_key(CPU): {f: None for f in selfcheck.FAMILIES}})
+        monkeypatch.setattr(selfcheck, "_verdicts", {str(CPU): {f: None for f in selfcheck.FAMILIES}})
     return use
 
 
@@ -140,7 +140,7 @@ def test_auto_follows_the_recorded_choice_per_site(tmp_path, monkeypatch):
     key = "Pretend GPU sm_90 | driver 1 cuda 12 | versions"
     monkeypatch.setattr(autochoice, "device_key", lambda d: key)
     monkeypatch.setattr(autochoice, "_choices", {})
-    monkeypatch.setattr(selfcheck, "_verdicts", {key: {f: None for f in selfcheck.FAMILIES}})
+    monkeypatch.setattr(selfcheck, "_verdicts", {str(gpu): {f: None for f in selfcheck.FAMILIES}})
     monkeypatch.setattr(selfcheck, "device_key", lambda d: key)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     for site in autochoice.SITES:
