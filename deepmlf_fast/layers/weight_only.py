@@ -1,3 +1,6 @@
+"""`WeightOnlyLinear`: the `nn.Module` of the `int8-weight-only` and `fp8` methods
+(`backbones.quantize`), a thin wrapper of `ops.weight_only`."""
+
 from __future__ import annotations
 
 import torch

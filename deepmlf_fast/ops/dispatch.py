@@ -54,32 +54,30 @@ def resolve_backend(backend: str, where: torch.Tensor | torch.device | str, fami
         raise ValueError(f"backend: expected one of {BACKENDS}, found {backend!r}")
     if backend == "reference":
         return "reference"
-    is_cuda = where.is_cuda if isinstance(where, torch.Tensor) else torch.device(where).type == "cuda"
-    if backend == "auto" and not (is_cuda and triton_available()):
-        return "reference"
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
     if backend == "auto":
-        device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+        if device.type != "cuda" or not triton_available():
+            return "reference"
         if site is not None:
             from deepmlf_fast.ops.autochoice import measured_choice
 
             if measured_choice(site, device) == "reference":
                 return "reference"
-        return _checked(backend, where, families)
+        return _checked(backend, device, families)
     if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package (pip install deepmlf-fast[triton])")
-    if not is_cuda and not triton_interpreted():
+    if device.type != "cuda" and not triton_interpreted():
         raise RuntimeError(
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before deepmlf_kernels "
             "is imported; use backend='reference' or 'auto' on CPU"
         )
-    return _checked(backend, where, families)
+    return _checked(backend, device, families)
 
 
-def _checked(backend: str, where, families: tuple[str, ...]) -> str:
-    import torch
-
+def _checked(backend: str, device: torch.device, families: tuple[str, ...]) -> str:
+    """'triton', once every kernel family in `families` passed its self-check on `device`."""
     if not families:
         return "triton"
     from deepmlf_fast.ops.selfcheck import gate
 
-    return gate(backend, families, where.device if isinstance(where, torch.Tensor) else torch.device(where))
+    return gate(backend, families, device)
