@@ -10,10 +10,13 @@ leaves `.path.old` complete, and `recover_dir` puts it back on the next start.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -145,3 +148,37 @@ def read_json(path: str | os.PathLike, what: str, error: type[Exception]):
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{what} {str(path)!r} is damaged (not valid JSON: {e})") from None
+
+
+@dataclass(frozen=True)
+class KeyedRecords:
+    """One JSON record per key under `cache_dir()/<name>/`, named by a hash of the key. Each
+    record holds the key it was written for (field `device`: the stores are keyed by device,
+    driver and versions) and when; a file whose key differs, or that does not parse, reads as
+    no record."""
+
+    name: str
+
+    def path(self, key: str) -> Path:
+        return cache_dir() / self.name / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def read(self, key: str) -> dict | None:
+        """The record stored for `key`, or None."""
+        try:
+            record = json.loads(self.path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("device") == key else None
+
+    def write(self, key: str, **fields) -> Path:
+        """Store `fields` for `key` (atomically, replacing any earlier record); returns the file."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"device": key, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **fields})
+        return path
+
+    def latest(self) -> dict | None:
+        """The most recently written record, or None."""
+        folder = cache_dir() / self.name
+        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        return json.loads(files[-1].read_text()) if files else None

@@ -13,19 +13,18 @@ wins over the record.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from pathlib import Path
 
 import torch
 
+from deepmlf_fast.fileio import KeyedRecords
 from deepmlf_fast.ops.selfcheck import device_key
 
 SITES = ("self_attention", "cross_attention")
 """Where the attention ops run: the LM's self-attention over transcripts + fusion tokens
 (`varlen_attention`), and the MM blocks' gated cross-attention (`gated_cross_attention`)."""
 
+_RECORDS = KeyedRecords("autochoice")
 _choices: dict[str, dict[str, str] | None] = {}  # str(device) -> {site: backend}, or None without a record
 
 
@@ -33,12 +32,8 @@ def measured_choice(site: str, device: torch.device) -> str | None:
     """'triton' or 'reference' as recorded by `deepmlf bench` for `site` on `device`, or None
     when no bench ran there with this driver and these versions (read from disk once per process)."""
     if str(device) not in _choices:
-        key = device_key(device)
-        try:
-            record = json.loads(_file(key).read_text())
-        except (OSError, ValueError):
-            record = {}
-        found = record.get("choices") if record.get("device") == key else None
+        record = _RECORDS.read(device_key(device))
+        found = record.get("choices") if record else None
         _choices[str(device)] = found if isinstance(found, dict) else None
     found = _choices[str(device)]
     return None if found is None else found.get(site)
@@ -47,32 +42,15 @@ def measured_choice(site: str, device: torch.device) -> str | None:
 def record_choices(device: torch.device, choices: dict[str, str], evidence: dict[str, str]) -> Path:
     """Store `{site: 'triton' | 'reference'}` for `device` (this process follows it at once);
     `evidence` is a line per site saying what was measured. Returns the file."""
-    from deepmlf_fast.fileio import write_json
-
     for site, backend in choices.items():
         if site not in SITES or backend not in ("triton", "reference"):
             raise ValueError(f"choices: expected {{site in {SITES}: 'triton' | 'reference'}}, found {site!r}: "
                              f"{backend!r}")
-    key = device_key(device)
-    path = _file(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"device": key, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "choices": choices,
-                      "evidence": evidence})
+    path = _RECORDS.write(device_key(device), choices=choices, evidence=evidence)
     _choices[str(device)] = dict(choices)
     return path
 
 
 def last_record() -> dict | None:
     """The most recent stored choice (`{"device", "time", "choices", "evidence"}`), or None."""
-    files = sorted(_dir().glob("*.json"), key=lambda p: p.stat().st_mtime) if _dir().is_dir() else []
-    return json.loads(files[-1].read_text()) if files else None
-
-
-def _dir() -> Path:
-    from deepmlf_fast.fileio import cache_dir
-
-    return cache_dir() / "autochoice"
-
-
-def _file(key: str) -> Path:
-    return _dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return _RECORDS.latest()

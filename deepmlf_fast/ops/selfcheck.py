@@ -15,15 +15,14 @@ shows the last one.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
 import subprocess
-import time
-from pathlib import Path
 
 import torch
+
+from deepmlf_fast.fileio import KeyedRecords
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 """Largest relative error (norm of the difference over the norm of the float64 reference) of
 an output or gradient: TF32 products reach ~1e-3, bf16 ones ~1e-2."""
 
+_RECORDS = KeyedRecords("selfcheck")
 _verdicts: dict[str, dict[str, str | None]] = {}  # str(device) -> {family: None (passed) or the error}
 _warned: set[tuple[str, str]] = set()
 
@@ -142,38 +142,17 @@ def gate(backend: str, families: tuple[str, ...], device: torch.device) -> str:
 
 def last_result() -> dict | None:
     """The most recent stored self-check (`{"device": key, "time": ..., "verdicts": ...}`), or None."""
-    files = sorted(_dir().glob("*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(files[-1].read_text()) if files else None
-
-
-def _dir() -> Path:
-    from deepmlf_fast.fileio import cache_dir
-
-    return cache_dir() / "selfcheck"
-
-
-def _file(key: str) -> Path:
-    import hashlib
-
-    return _dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return _RECORDS.latest()
 
 
 def _cached(key: str) -> dict[str, str | None] | None:
-    path = _file(key)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    verdicts = record.get("verdicts") if record.get("device") == key else None
+    record = _RECORDS.read(key)
+    verdicts = record.get("verdicts") if record else None
     return verdicts if isinstance(verdicts, dict) and set(verdicts) == set(FAMILIES) else None
 
 
 def _store(key: str, verdicts: dict[str, str | None]) -> None:
-    from deepmlf_fast.fileio import write_json
-
-    path = _file(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"device": key, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "verdicts": verdicts})
+    _RECORDS.write(key, verdicts=verdicts)
 
 
 def _compare(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:

@@ -4,10 +4,12 @@ choice, on CPU through the interpreter, with a wrong kernel and a failing compil
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
+from deepmlf_fast.fileio import KeyedRecords
 from deepmlf_fast.ops import dispatch, selfcheck
 from deepmlf_fast.ops.attention import varlen_attention
 
@@ -79,3 +81,21 @@ def test_a_verdict_is_stored_per_device_and_read_back(fresh, monkeypatch, tmp_pa
     assert selfcheck._cached(key) == {"attention": "AssertionError: x", "gated_linear": None}
     assert selfcheck._cached(key.replace("sm_90", "sm_89")) is None  # another device: checked again
     assert selfcheck.last_result()["device"] == key
+
+
+def test_keyed_records_read_only_their_own_key(monkeypatch, tmp_path):
+    """The store both the self-check and `deepmlf bench`'s choice use: a record comes back only
+    for the key it was written for (a file renamed onto another key's name, or damaged, reads as
+    none), and `latest` is the last one written."""
+    monkeypatch.setenv("DEEPMLF_CACHE", str(tmp_path))
+    records = KeyedRecords("selfcheck")
+    assert records.read("a") is None and records.latest() is None
+    path_a = records.write("a", verdicts={"attention": None})
+    assert records.read("a") == {"device": "a", "time": records.read("a")["time"], "verdicts": {"attention": None}}
+    path_a.replace(records.path("b"))  # a's record under b's name
+    assert records.read("b") is None and records.read("a") is None
+    records.write("c", verdicts={})
+    os.utime(records.path("b"), (0, 0))
+    assert records.latest()["device"] == "c"
+    records.path("c").write_text("{not json")
+    assert records.read("c") is None
