@@ -58,7 +58,8 @@ class DeviceInfo:
     kind: str
     """'cpu' or 'cuda'."""
     name: str
-    """Human-readable description, recorded in every row (GPU name and power limit, or CPU model and threads)."""
+    """Human-readable description, recorded in every row (GPU name and power limit, or CPU model,
+    ISA path and threads)."""
     peak: DevicePeak | None
 
     @property
@@ -67,13 +68,16 @@ class DeviceInfo:
 
 
 def describe_device(kind: str, threads: int | None = None) -> DeviceInfo:
-    """DeviceInfo of 'cpu' (with the thread count benchmarks use) or 'cuda' (the current device)."""
+    """DeviceInfo of 'cpu' (with PyTorch's ISA path and the thread count benchmarks use) or 'cuda'
+    (the current device)."""
     if kind == "cuda":
         name = torch.cuda.get_device_name()
         power = _cuda_power_limit_w()
         label = f"{name} ({power:.0f} W)" if power else name
         return DeviceInfo("cuda", label, device_peak(name))
-    return DeviceInfo("cpu", f"{_cpu_model()} ({threads or torch.get_num_threads()} threads)", None)
+    # The ISA path PyTorch takes (AVX2, AVX512, AMX...) tells two CPUs of one model name apart.
+    isa = torch.backends.cpu.get_cpu_capability()
+    return DeviceInfo("cpu", f"{_cpu_model()} / {isa} ({threads or torch.get_num_threads()} threads)", None)
 
 
 def _cuda_power_limit_w() -> float | None:
