@@ -160,6 +160,7 @@ class KeyedRecords:
     name: str
 
     def path(self, key: str) -> Path:
+        """The file of `key`'s record (whether or not it exists)."""
         return cache_dir() / self.name / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def read(self, key: str) -> dict | None:
@@ -178,7 +179,15 @@ class KeyedRecords:
         return path
 
     def latest(self) -> dict | None:
-        """The most recently written record, or None."""
+        """The most recently written record that still parses, or None (`deepmlf env` shows it,
+        and a bug report must not fail on a damaged cache file)."""
         folder = cache_dir() / self.name
         files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-        return json.loads(files[-1].read_text()) if files else None
+        for path in reversed(files):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict):
+                return record
+        return None

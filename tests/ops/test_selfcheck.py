@@ -86,7 +86,7 @@ def test_a_verdict_is_stored_per_device_and_read_back(fresh, monkeypatch, tmp_pa
 def test_keyed_records_read_only_their_own_key(monkeypatch, tmp_path):
     """The store both the self-check and `deepmlf bench`'s choice use: a record comes back only
     for the key it was written for (a file renamed onto another key's name, or damaged, reads as
-    none), and `latest` is the last one written."""
+    none), and `latest` is the last one written that still parses."""
     monkeypatch.setenv("DEEPMLF_CACHE", str(tmp_path))
     records = KeyedRecords("selfcheck")
     assert records.read("a") is None and records.latest() is None
@@ -99,3 +99,4 @@ def test_keyed_records_read_only_their_own_key(monkeypatch, tmp_path):
     assert records.latest()["device"] == "c"
     records.path("c").write_text("{not json")
     assert records.read("c") is None
+    assert records.latest()["device"] == "a"  # the damaged newest file is passed over
