@@ -50,7 +50,9 @@ def _run_provider(step_config: StepConfig, provider: str, bench_env, tmp_path: P
 
     The memory run fixes glibc's mmap threshold (which also disables its dynamic one) so freed
     large tensors go back to the OS at once and RSS follows live memory (see step_runner's
-    docstring); that costs page faults, so it is never the run that is timed.
+    docstring); that costs page faults, so it is never the run that is timed. With benchmarks
+    disabled (the CI smoke tier) nothing is timed for real, so the memory run's process gives
+    both: the same code paths in half the process starts.
     """
     def run(kind: str, steps: int, env: dict) -> dict:
         out = tmp_path / f"{step_config.name}-{provider}-{kind}.json"
@@ -66,10 +68,13 @@ def _run_provider(step_config: StepConfig, provider: str, bench_env, tmp_path: P
                         f"{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
 
+    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    if bench_env.device.kind == "cpu" and not bench_env.enabled:
+        return run("time+memory", bench_env.steps, memory_env)
     timed = run("time", bench_env.steps, dict(os.environ))
     if bench_env.device.kind != "cpu":
         return timed
-    memory = run("memory", 1, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+    memory = run("memory", 1, memory_env)
     return dict(timed, peak_mb=memory["peak_mb"], mem_method=memory["mem_method"])
 
 

@@ -2,7 +2,7 @@
 resources, no GPU needed.
 
     python -m deepmlf_kernels.aot                        # sm_90: 186 kernels, ~100 CPU-seconds
-    python -m deepmlf_kernels.aot --arch all --subset    # sm_80/86/89/90/100/120, a representative subset (CI)
+    python -m deepmlf_kernels.aot --arch all --subset    # sm_80/86/89/90/100/120, a representative subset (CI: all but sm_90, whose whole set CI compiles)
     python -m deepmlf_kernels.aot --arch all --exclusions  # every architecture, all 186; prints arch_exclusions
     python -m deepmlf_kernels.aot --full     # every specialisation, ~4,000 kernels (a many-core box)
 

@@ -28,18 +28,22 @@ def test_all_kernels_compile_for_sm90():
     assert "kernels compiled for sm_90 without spills" in proc.stdout
 
 
-def test_every_architecture_users_have_passes_the_resource_check_on_a_subset():
-    """sm_80, 86, 89, 90, 100 and 120, each against its own shared-memory limit: every 16-bit
+def test_every_other_architecture_users_have_passes_the_resource_check_on_a_subset():
+    """sm_80, 86, 89, 100 and 120, each against its own shared-memory limit: every 16-bit
     dot kernel with tensor-core instructions, no unfit config that the launchers would try
     there (`arch_exclusions` lists those they skip, and a stale entry fails), and every table
     entry left with a config. The subset (`aot.subset`: the widest bf16 attention tiles, the
-    GEMMs, every excluded config) keeps CI at about a minute per architecture on 2 cores; the
-    full set runs with `python -m deepmlf_kernels.aot --arch all`."""
+    GEMMs, every excluded config) keeps CI at about 20 s per architecture on 2 cores; sm_90
+    is left out because the test above compiles its whole set, which holds the subset. The
+    full set everywhere runs with `python -m deepmlf_kernels.aot --arch all`."""
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-m", "deepmlf_kernels.aot", "--arch", "all", "--subset"], env=ENV,
-                          capture_output=True, text=True, timeout=1800)
+    from deepmlf_kernels.aot import ARCHS, TARGET_ARCH
+
+    others = [a for a in ARCHS if a != TARGET_ARCH]
+    proc = subprocess.run([sys.executable, "-m", "deepmlf_kernels.aot", "--arch", ",".join(map(str, others)),
+                           "--subset"], env=ENV, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-    assert "compiled for sm_80, sm_86, sm_89, sm_90, sm_100, sm_120 without spills" in proc.stdout
+    assert "compiled for sm_80, sm_86, sm_89, sm_100, sm_120 without spills" in proc.stdout
 
 
 # Configs the tables left out because they fail on sm_90: a 64x128 GEMM tile on 4 warps
