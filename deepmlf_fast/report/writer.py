@@ -3,8 +3,9 @@
     OUT/report.md      metric table (runs side by side), per-run plots, configuration,
                        hardware, versions, wall time
     OUT/report.html    the same, self-contained (images embedded)
-    OUT/report/        the PNGs (one subfolder per run when there are several) and
-                       attention.npz (the attention maps drawn, per run)
+    OUT/report/        the PNGs (one subfolder per run when there are several),
+                       attention.npz (the attention maps drawn) and predictions.npz (the
+                       test predictions drawn: `index`, `pred`, `labels`), per run
 
 OUT is the run directory for one run, and the first run's parent for several (or `out`).
 
@@ -12,7 +13,8 @@ Numbers come from the run's files: the table from `results.json` (mean ± std ov
 the curves and gates from each seed's history (`seed_<s>/last/state.json`, written every
 epoch by `train.loop.fit`). Sample-level plots (scatter, confusion matrix, attention maps)
 need predictions: the run's model is rebuilt with `load_run` (best weights of one seed,
-the first unless `seed`) and run on the test split.
+the first unless `seed`) and run on the test split; the report `deepmlf train` ends with
+draws the test predictions that seed's run has just scored instead (`Session.test_predictions`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def _run_sections(doc: Doc, run: RunFiles, label: str, files: Path, seed: int | 
     maps = test["attention"]
     np.savez(files / "attention.npz", index=maps["index"], valid=maps["valid"],
              **{f"block_{b}": p for b, p in maps["probs"].items()})
+    np.savez(files / "predictions.npz", index=test["index"], pred=test["pred"], labels=test["labels"])
 
     doc.heading(level, "Predictions")
     doc.image(plots.save_png(plots.scatter_figure(test["pred"], test["labels"], dataset,
@@ -185,19 +188,21 @@ def _run_sections(doc: Doc, run: RunFiles, label: str, files: Path, seed: int | 
 
 def _test_outputs(run: RunFiles, seed: int, n_attention: int, device: str, session) -> dict:
     """Rebuild seed `seed`'s best model (around `session`'s backbone when given) and run the
-    test split: -> `pred`, `labels` `(N,)`,
-    `attention` (`attention.attention_maps` of the first `n_attention` samples) and
-    `attention_labels` `(S,)` those samples' true scores."""
+    test split, unless `session` trained that seed and kept its test predictions:
+    -> `index`, `pred`, `labels` `(N,)`, `attention` (`attention.attention_maps` of the first
+    `n_attention` samples) and `attention_labels` `(S,)` those samples' true scores."""
     from deepmlf_fast.hardware import resolve_device
     from deepmlf_fast.report.attention import attention_maps
     from deepmlf_fast.train.evaluate import predict
     from deepmlf_fast.train.run import load_run
 
     session, model = load_run(run.root, resolve_device(device), seed, session=session)
-    p = predict(model, session.loader("test", session.cfg.train.eval_batch_size, False), session.eval_ctx,
-                desc="report")
+    p = session.test_predictions.get(seed)
+    if p is None:
+        p = predict(model, session.loader("test", session.cfg.train.eval_batch_size, False), session.eval_ctx,
+                    desc="report")
     maps = attention_maps(model, session.loader("test", n_attention, False), session.eval_ctx, n_attention)
-    return {"pred": p["pred"], "labels": p["labels"], "attention": maps,
+    return {"index": p["index"], "pred": p["pred"], "labels": p["labels"], "attention": maps,
             "attention_labels": session.data.test.labels[maps["index"]]}
 
 

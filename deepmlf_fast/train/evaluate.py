@@ -31,16 +31,28 @@ def predict(model, loader, ctx: StepContext, desc: str = "predict") -> dict[str,
     return {k: torch.cat(v).cpu().numpy() for k, v in cols.items()}
 
 
-def evaluate(model, loader, dataset: str, ctx: StepContext, desc: str = "eval") -> dict[str, float]:
-    """MMSA metrics of the multimodal prediction plus `Loss` (mean over batches of each
-    batch's L1, the official model-selection value) and the single-head MAEs."""
+def predict_split(model, loader, ctx: StepContext, desc: str = "predict") -> dict[str, np.ndarray]:
+    """`predict` over a whole split: in a distributed run each rank predicts its shard and the
+    arrays are gathered from every rank (same keys and shapes as `predict`, `(N,)` each)."""
     p = predict(model, loader, ctx, desc)
-    if getattr(loader.sampler, "world_size", 1) > 1:  # a rank's shard: metrics need the whole split
+    if getattr(loader.sampler, "world_size", 1) > 1:
         from deepmlf_fast.train.distributed import gather_predictions
 
         p = gather_predictions(p, loader.batch_size)
+    return p
+
+
+def split_metrics(p: dict[str, np.ndarray], dataset: str) -> dict[str, float]:
+    """MMSA metrics of the multimodal prediction plus `Loss` (mean over batches of each
+    batch's L1, the official model-selection value) and the single-head MAEs, from a split's
+    `predict_split` arrays."""
     metrics = msa_metrics(p["pred"], p["labels"], dataset)
     metrics["Loss"] = float(p["batch_l1"].mean())
     for head in ("pred_text", "pred_av", "pred_fusion"):
         metrics[f"MAE_{head[5:]}"] = float(np.abs(p[head] - p["labels"]).mean())
     return metrics
+
+
+def evaluate(model, loader, dataset: str, ctx: StepContext, desc: str = "eval") -> dict[str, float]:
+    """`split_metrics` of the model's predictions over the loader's split."""
+    return split_metrics(predict_split(model, loader, ctx, desc), dataset)

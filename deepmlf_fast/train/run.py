@@ -43,7 +43,7 @@ from deepmlf_fast.model.losses import deepmlf_loss
 from deepmlf_fast.train import distributed
 from deepmlf_fast.train.checkpoint import load_weights
 from deepmlf_fast.train.engine import make_engine
-from deepmlf_fast.train.evaluate import evaluate, predict
+from deepmlf_fast.train.evaluate import predict, predict_split, split_metrics
 from deepmlf_fast.train.loop import DeepMLFStage, OnBatch, fit
 from deepmlf_fast.train.rundir import RunDir
 from deepmlf_fast.train.stage1 import pretrain_av
@@ -87,13 +87,16 @@ class Session:
     With `model` (an already built DeepMLF, e.g. `apply_deepmlf`'s) and its `tokenizer`, the
     session trains that model: its backbone and configuration replace `cfg.model`'s (see
     `with_model`), and the data must have the feature widths its AV encoder was built for.
-    `on_batch`: callbacks every training micro-batch of both stages reaches (`loop.OnBatch`)."""
+    `on_batch`: callbacks every training micro-batch of both stages reaches (`loop.OnBatch`).
+    `test_predictions[seed]`: the test split's `predict_split` arrays of each seed trained in
+    this session (its best weights), which the closing report draws instead of predicting again."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, data: MMSAData | None = None,
                  model: DeepMLF | None = None, tokenizer=None, on_batch: Sequence[OnBatch] = ()):
         self.device = device
         self.model = model
         self.on_batch = tuple(on_batch)
+        self.test_predictions: dict[int, dict[str, np.ndarray]] = {}
         cfg = dataclasses.replace(cfg, resolved=resolve_run(cfg, device))
         self.data = data if data is not None else load_run_data(cfg)
         # A file of unlabelled samples stands in for every split: count and tokenise it once.
@@ -288,8 +291,10 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
     finally:
         if recorder is not None:
             recorder.close()
-    test = evaluate(net, session.loader("test", cfg.train.eval_batch_size, False), cfg.data.dataset,
-                    session.eval_ctx, desc="test")
+    predictions = predict_split(net, session.loader("test", cfg.train.eval_batch_size, False), session.eval_ctx,
+                                desc="test")
+    session.test_predictions[seed] = predictions
+    test = split_metrics(predictions, cfg.data.dataset)
     log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in metric_keys(cfg.data.dataset)}))
     result = {
         "test": test,

@@ -109,7 +109,7 @@ def test_every_attention_tile_reaches_the_last_causal_key(device, assert_fa_clos
 
 def _gemm_tiles():
     return sorted({(cls, tile[:3]) for cls, tiles in gated_linear.GEMM_TABLE.items() for tile in tiles},
-                  key=lambda c: (c[0] != "16bit", c[1]))
+                  key=lambda c: (c[0] != "16bit", c[1], c[0]))
 
 
 @pytest.mark.parametrize("cls, tile", _gemm_tiles(), ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)

@@ -22,13 +22,22 @@ recorded every step."""
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The finished run directory (seeds 1 and 2, 2 epochs each: early stopping waits 4)."""
-    from deepmlf_fast.train import run
+    from deepmlf_fast.train import evaluate, run
 
     out = tmp_path_factory.mktemp("report") / "demo"
-    loads = []
-    with pytest.MonkeyPatch.context() as mp:  # counts backbone loads: training and its report share one
+    loads, predictions = [], []
+    predict = evaluate.predict
+
+    def counted_predict(model, loader, ctx, desc="predict"):
+        predictions.append(desc)
+        return predict(model, loader, ctx, desc)
+
+    with pytest.MonkeyPatch.context() as mp:  # counts backbone loads (training and its report share one)
         mp.setattr(run, "load_backbone", lambda *a, **k: loads.append(a) or load_backbone(*a, **k))
+        # and the prediction passes, by `desc` (the report draws the run's own test predictions)
+        mp.setattr(evaluate, "predict", counted_predict)
         assert main(["-q", "train", *TINY_DEMO, "--epochs", "2", "--pretrain-epochs", "1", "--av-length-masks",
                      "--seeds", "1", "2", "--output-dir", str(out)]) == 0
     (out.parent / "backbone_loads").write_text(str(len(loads)))
+    (out.parent / "predictions").write_text(" ".join(map(str, predictions)))
     return out

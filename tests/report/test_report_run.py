@@ -115,15 +115,19 @@ def test_report_of_several_runs_sets_them_side_by_side(demo_run, tmp_path):
 
 
 def test_train_reports_with_its_own_backbone_and_matches_a_fresh_report(demo_run, tmp_path):
-    """`deepmlf train` loads the backbone once: its report reuses the trained session. The
-    report command, which loads everything again, draws the same predictions and attention."""
+    """`deepmlf train` loads the backbone once, and predicts the test split once per seed: its
+    report reuses the trained session and the first seed's test predictions. The report
+    command, which loads everything again and predicts, draws the same predictions and attention."""
     assert (demo_run.parent / "backbone_loads").read_text() == "1"
+    assert (demo_run.parent / "predictions").read_text().split().count("test") == 2
+    assert "report" not in (demo_run.parent / "predictions").read_text().split()
     out = tmp_path / "fresh"
     assert main(["-q", "report", str(demo_run), "--out", str(out)]) == 0
-    ours, fresh = np.load(demo_run / "report" / "attention.npz"), np.load(out / "report" / "attention.npz")
-    assert sorted(ours.files) == sorted(fresh.files)
-    for key in ours.files:
-        np.testing.assert_array_equal(ours[key], fresh[key])
+    for name in ("attention.npz", "predictions.npz"):
+        ours, fresh = np.load(demo_run / "report" / name), np.load(out / "report" / name)
+        assert sorted(ours.files) == sorted(fresh.files)
+        for key in ours.files:
+            np.testing.assert_array_equal(ours[key], fresh[key])
 
 
 def test_report_of_an_unfinished_run_fails_cleanly(demo_run, tmp_path, capsys):

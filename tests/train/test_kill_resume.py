@@ -30,7 +30,9 @@ def _train_args(data: Path, out: Path) -> list[str]:
 
 
 def _run(data: Path, out: Path) -> str:
-    proc = subprocess.run([DEEPMLF, "train", *_train_args(data, out)], capture_output=True, text=True, timeout=600)
+    # --no-report: the report is written after results.json and the weights these tests compare
+    proc = subprocess.run([DEEPMLF, "train", *_train_args(data, out), "--no-report"], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -41,6 +41,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepmlf_fast.config import RunConfig, with_av_widths
 from deepmlf_fast.presets import recipe
@@ -84,7 +85,12 @@ def demo_runs(tmp_path_factory) -> list[Path]:
     if _read_config(readme_run) == cfg and (readme_run / "results.json").is_file():
         return [readme_run]
     out = tmp_path_factory.mktemp("learning") / "demo"
-    train_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out))))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the README run's threads, also under pytest-xdist
+    try:
+        train_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out))))
+    finally:
+        torch.set_num_threads(threads)
     return [out]
 
 

@@ -1,0 +1,61 @@
+"""`fileio.build_once`: processes that ask for the same cache folder at once build it once, and a
+build killed half-way blocks nothing and leaves nothing behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BUILDER = """
+import os, sys, time
+from pathlib import Path
+from deepmlf_fast.fileio import build_once
+target, log, hold = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+with build_once(target, "done") as tmp:
+    if tmp is not None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        (tmp / "part").write_text("half")
+        time.sleep(hold)
+        (tmp / "done").write_text("built")
+print((target / "done").read_text())
+"""
+
+
+def _builder(target: Path, log: Path, hold: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", BUILDER, str(target), str(log), str(hold)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _builds(log: Path) -> int:
+    return len(log.read_text().split()) if log.exists() else 0
+
+
+def test_processes_asking_at_once_build_the_folder_once(tmp_path):
+    target, log = tmp_path / "cache" / "entry", tmp_path / "builds"
+    procs = [_builder(target, log, 2.0) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["built"] * 3
+    assert _builds(log) == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == [".entry.lock", "entry"]
+
+
+def test_a_killed_build_blocks_nothing_and_the_next_one_clears_what_it_left(tmp_path):
+    target, log = tmp_path / "cache" / "entry", tmp_path / "builds"
+    killed = _builder(target, log, 600.0)
+    deadline = time.time() + 60
+    while _builds(log) == 0:
+        assert killed.poll() is None and time.time() < deadline, killed.stderr.read()[-2000:]
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert [p.name for p in target.parent.glob(".entry.*.tmp")]  # its half-built folder
+    out, err = _builder(target, log, 0.0).communicate(timeout=120)
+    assert out.strip() == "built", err[-2000:]
+    assert _builds(log) == 2
+    assert sorted(p.name for p in target.parent.iterdir()) == [".entry.lock", "entry"]
+    assert sorted(p.name for p in target.iterdir()) == ["done", "part"]
