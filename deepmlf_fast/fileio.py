@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -108,20 +111,37 @@ def build_once(path: str | os.PathLike, marker: str) -> Iterator[Path | None]:
     `.path.lock` beside it: a second process waits, then finds the folder built instead of
     building it again and replacing it under a reader. The kernel drops the lock of a process
     that dies, so a killed build blocks nobody; what it left (`recover_dir`) is cleared by the
-    next build, which holds the lock and so knows that no other build is under way."""
+    next build, which holds the lock and so knows that no other build is under way. On a file
+    system without `flock` (some Lustre and FUSE mounts) it says so and builds unlocked."""
     path = Path(path)
     if (path / marker).exists():
         yield None
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        locked = _lock(lock, path)
         if (path / marker).exists():
             yield None
             return
-        recover_dir(path)
+        if locked:  # unlocked, a temporary folder may be another build's, in progress
+            recover_dir(path)
         with atomic_dir(path) as tmp:
             yield tmp
+
+
+def _lock(lock, path: Path) -> bool:
+    """Take an exclusive `flock` on the open file `lock`, saying when another process holds it;
+    -> False where the file system has no `flock`."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("waiting for another process that is building %s", path)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as e:
+        log.warning("%s: no file lock on this file system (%s); building %s without one: processes that "
+                    "start at once may each build it", lock.name, e.strerror, path)
+        return False
+    return True
 
 
 def recover_dir(path: str | os.PathLike) -> str | None:

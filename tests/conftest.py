@@ -12,16 +12,25 @@ import os
 import pytest
 import torch
 
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice, what a `deepmlf` command runs with
+
 # Under pytest-xdist the workers share the machine's cores: each, and every process it starts
 # (OMP_NUM_THREADS is inherited), takes its share instead of all of them, which would
 # oversubscribe the cores and stall OpenMP's spinning threads.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    share = max(1, TORCH_THREADS // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    torch.set_num_threads(share)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def torch_threads() -> int:
+    """The thread count torch picks for a `deepmlf` command on this machine (pytest-xdist
+    workers run with their share of it)."""
+    return TORCH_THREADS
 
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])

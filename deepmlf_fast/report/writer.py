@@ -13,8 +13,9 @@ Numbers come from the run's files: the table from `results.json` (mean ± std ov
 the curves and gates from each seed's history (`seed_<s>/last/state.json`, written every
 epoch by `train.loop.fit`). Sample-level plots (scatter, confusion matrix, attention maps)
 need predictions: the run's model is rebuilt with `load_run` (best weights of one seed,
-the first unless `seed`) and run on the test split; the report `deepmlf train` ends with
-draws the test predictions that seed's run has just scored instead (`Session.test_predictions`).
+the first unless `seed`) and run on the test split. At the end of `deepmlf train` the report
+draws instead the test predictions the run has just scored (`Session.test_predictions`), for a
+seed trained in that process (a seed finished before a `--resume` is predicted again).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _read_config(run: Path) -> RunConfig | None:
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory) -> list[Path]:
+def demo_runs(tmp_path_factory, torch_threads) -> list[Path]:
     cfg = with_av_widths(recipe("demo"))  # as a run records it (the data's widths); output_dir: runs/demo
     listed = os.environ.get(RUNS_ENV)
     if listed:
@@ -86,7 +86,7 @@ def demo_runs(tmp_path_factory) -> list[Path]:
         return [readme_run]
     out = tmp_path_factory.mktemp("learning") / "demo"
     threads = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the README run's threads, also under pytest-xdist
+    torch.set_num_threads(torch_threads)  # the README run's threads and arithmetic, also under pytest-xdist
     try:
         train_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out))))
     finally:
