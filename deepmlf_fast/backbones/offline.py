@@ -104,14 +104,14 @@ def ensure_tiny(name: str, config: dict, tokenizer_family: str) -> Path:
     target = built_dir(name)
     with build_once(target, "config.json") as tmp:
         if tmp is not None:
-            _build_tiny(tmp, name, config, tokenizer_family)
+            _build_tiny(tmp, target, config, tokenizer_family)
     return target
 
 
-def _build_tiny(out: Path, name: str, config: dict, tokenizer_family: str) -> None:
+def _build_tiny(out: Path, target: Path, config: dict, tokenizer_family: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    log.info("building %s in %s", name, built_dir(name))
+    log.info("building %s in %s", target.name, target)
     tok = offline_tokenizer(tokenizer_family)
     cfg_kwargs = dict(config)
     model_type = cfg_kwargs.pop("model_type")
