@@ -159,9 +159,15 @@ detail_of() {
 run_limited() {
   local name="$1" limit="$2"
   shift 2
-  local log="$WORK/logs/$name.log" t0=$SECONDS rc=0 status detail asset
+  local t0=$SECONDS rc=0
   DEEPMLF_BENCH_DEADLINE_S=$((limit - ${BENCH_MARGIN_S[$name]:-0})) timeout -s INT -k "$GRACE" "$limit" "$@" 2>&1 \
-    | tee "$log" || rc=$?
+    | tee "$WORK/logs/$name.log" || rc=$?
+  finish "$name" "$rc" $((SECONDS - t0)) "$limit"
+}
+
+# finish NAME RC SECONDS LIMIT: the summary row of a section that ran with exit status RC (its log written).
+finish() {
+  local name="$1" rc="$2" secs="$3" limit="$4" status detail
   case "$rc" in
     0) status=ok ;;
     124 | 137) [[ "$BENCH_SECTIONS" == *" $name "* ]] && status=partial || status=TIMEOUT ;;
@@ -169,9 +175,8 @@ run_limited() {
   esac
   detail="$(detail_of "$name" "$status" || true)"
   if [ -z "$detail" ] && [ "$status" != ok ]; then  # say why: the log's last line
-    detail="$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-160)"
+    detail="$(grep -v '^\s*$' "$WORK/logs/$name.log" | tail -1 | cut -c1-160)"
   fi
-  local secs=$((SECONDS - t0))
   echo "-- $name: $status in ${secs}s (limit ${limit}s)"
   record "$name" "$status" "$detail" "$secs"
 }
@@ -190,12 +195,28 @@ section() {
   run_limited "$name" "$limit" "$@"
 }
 
-# collect NAME: the dry run's stand-in for a pytest section: collect its selection as on CUDA.
+# collect NAME...: the dry run's stand-in for the pytest sections: collect each one's selection as on
+# CUDA, as many at a time as there are cores (each is mostly ~20 s of single-threaded imports); the
+# logs are printed and recorded in the order given.
 collect() {
-  local name="$1" sel="SEL_$1[@]"
-  banner "$name: collect only"
-  PYTHONPATH="$REPO/scripts:$PYTHONPATH" run_limited "$name" 300 \
-    "${PYTEST[@]}" --collect-only -qq -p dryrun_cuda_plugin "${!sel}"
+  local name sel
+  for name in "$@"; do
+    sel="SEL_$name[@]"
+    (
+      t0=$SECONDS rc=0
+      PYTHONPATH="$REPO/scripts:$PYTHONPATH" timeout -s INT -k "$GRACE" 300 \
+        "${PYTEST[@]}" --collect-only -qq -p dryrun_cuda_plugin "${!sel}" >"$WORK/logs/$name.log" 2>&1 || rc=$?
+      echo "$rc $((SECONDS - t0))" >"$WORK/logs/$name.rc"
+    ) &
+    while [ "$(jobs -rp | wc -l)" -ge "$(nproc)" ]; do wait -n || true; done
+  done
+  wait
+  for name in "$@"; do
+    banner "$name: collect only"
+    cat "$WORK/logs/$name.log"
+    read -r rc secs <"$WORK/logs/$name.rc"
+    finish "$name" "$rc" "$secs" 300
+  done
 }
 
 # --- setup: carried wheels, imports, tokenizers, tiny backbones ----------------------------------
@@ -313,9 +334,11 @@ main() {
   if [ "$DRY_RUN" = 1 ]; then
     banner "carried size"
     run_limited carry-size 60 bash scripts/gpu_carry.sh --check-size
+    local collected=()
     for name in correctness xattn sattn step; do
-      want "$name" && collect "$name"
+      want "$name" && collected+=("$name")
     done
+    [ ${#collected[@]} -gt 0 ] && collect "${collected[@]}"
     want bench && run_limited bench 120 "${PY[@]}" -m deepmlf_fast bench --dry-run
     summary
     return

