@@ -100,20 +100,25 @@ def recheck(device: torch.device) -> dict[str, str | None]:
 
 def run_checks(device: torch.device) -> dict[str, str | None]:
     """Run every family's check on `device`: -> {family: None or the error in one line}.
-    `DEEPMLF_TRITON_CONFIG` pins are lifted meanwhile (they are for the caller's shapes)."""
+    `DEEPMLF_TRITON_CONFIG` pins are lifted meanwhile (they are for the caller's shapes).
+    The checks run with gradients on and autocast off whatever the caller's mode: first contact
+    often comes in evaluation (no_grad, inference mode) or under autocast, where a sound kernel
+    would fail its gradient check or be compared in another dtype (and, on CUDA, be remembered
+    as broken on disk)."""
     from deepmlf_kernels.common import CONFIG_ENV
 
     dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
     pin = os.environ.pop(CONFIG_ENV, None)
     out = {}
     try:
-        for family, check in (("attention", _check_attention), ("gated_linear", _check_gated_linear)):
-            try:
-                for dtype in dtypes:
-                    check(device, dtype)
-                out[family] = None
-            except Exception as e:  # noqa: BLE001 - any failure means "do not use this kernel here"
-                out[family] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for family, check in (("attention", _check_attention), ("gated_linear", _check_gated_linear)):
+                try:
+                    for dtype in dtypes:
+                        check(device, dtype)
+                    out[family] = None
+                except Exception as e:  # noqa: BLE001 - any failure means "do not use this kernel here"
+                    out[family] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     finally:
         if pin is not None:
             os.environ[CONFIG_ENV] = pin

@@ -40,6 +40,17 @@ def test_the_real_kernels_pass_and_the_verdict_is_kept_for_the_process(fresh, mo
     assert dispatch.resolve_backend("triton", fresh, ("attention", "gated_linear")) == "triton"
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast_bf16"])
+def test_first_contact_in_evaluation_or_under_autocast_still_passes(fresh, mode):
+    """The first kernel call of a process is often an evaluation pass: the check must still
+    take its gradients in its own dtypes (a verdict is kept for the process, and on disk on CUDA)."""
+    contexts = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+                "autocast_bf16": torch.autocast(fresh.type, dtype=torch.bfloat16)}
+    with contexts[mode]:
+        assert dispatch.resolve_backend("triton", fresh, ("attention", "gated_linear")) == "triton"
+    assert selfcheck.verdict("attention", fresh) is None and selfcheck.verdict("gated_linear", fresh) is None
+
+
 def test_a_wrong_kernel_is_caught_and_auto_falls_back_with_one_warning(fresh, monkeypatch, caplog):
     import deepmlf_kernels.attention as attn
 
