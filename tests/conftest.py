@@ -40,4 +40,3 @@ def torch_threads() -> int:
 def backbone(request) -> str:
     """Both backbone families (GPT-2 and Llama with grouped-query attention)."""
     return request.param
-

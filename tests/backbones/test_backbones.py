@@ -156,3 +156,32 @@ def test_smollm2_gguf_reads_as_transformers_own_gguf_loading_reads_it():
         digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         digest.update(t.numpy().tobytes())
     assert digest.hexdigest() == _TRANSFORMERS_SMOLLM2_SHA256
+
+
+def _small_llama_gguf(path, extra: dict[str, float]):
+    """A one-tensor GGUF file with part of the Llama metadata, plus `extra` float keys."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 8), ("attention.head_count", 2)):
+        writer.add_uint32(f"llama.{key}", value)
+    for key, value in extra.items():
+        writer.add_float32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_llama_gguf_with_metadata_the_reader_does_not_map_or_lacks_is_refused(tmp_path):
+    from deepmlf_fast.backbones.offline import read_llama_gguf
+
+    scaled = _small_llama_gguf(tmp_path / "scaled.gguf", {"llama.rope.scaling.factor": 4.0})  # long context
+    with pytest.raises(BackboneError, match=r"scaled.gguf: Llama metadata \['llama.rope.scaling.factor'\] is not read"):
+        read_llama_gguf(scaled)
+    partial = _small_llama_gguf(tmp_path / "partial.gguf", {})
+    with pytest.raises(BackboneError, match=r"partial.gguf: Llama metadata \['llama.attention.head_count_kv', .*\] missing"):
+        read_llama_gguf(partial)
