@@ -214,7 +214,8 @@ collect() {
   for name in "$@"; do
     banner "$name: collect only"
     cat "$WORK/logs/$name.log"
-    read -r rc secs <"$WORK/logs/$name.rc"
+    rc=1 secs=0  # no .rc file: the collector died before writing it
+    [ -f "$WORK/logs/$name.rc" ] && read -r rc secs <"$WORK/logs/$name.rc"
     finish "$name" "$rc" "$secs" 300
   done
 }

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from file_order import (  # noqa: F401  (hooks: longest test file first under xdist)
-    pytest_addoption, pytest_runtest_logreport, pytest_sessionfinish, pytest_xdist_make_scheduler)
+    pytest_addoption,
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_xdist_make_scheduler,
+)
 
 TORCH_THREADS = torch.get_num_threads()  # torch's own choice, what a `deepmlf` command runs with
 

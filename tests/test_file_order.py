@@ -25,10 +25,10 @@ def test_{i}():
 """
 
 
-def test_longest_first_keeps_unlisted_files_after_the_listed_ones_in_their_order():
+def test_longest_first_puts_unlisted_files_first_in_their_order_then_the_listed_ones():
     queue = OrderedDict((name, {}) for name in ("a.py", "b.py", "c.py", "d.py", "e.py"))
     order = list(longest_first(queue, {"d.py": 5.0, "b.py": 9.0, "e.py": 0.0}))
-    assert order == ["b.py", "d.py", "e.py", "a.py", "c.py"]
+    assert order == ["a.py", "c.py", "b.py", "d.py", "e.py"]
 
 
 def test_the_table_lists_existing_test_files():
@@ -45,7 +45,8 @@ def test_xdist_hands_out_the_longest_recorded_files_first_and_records_seconds(tm
     for name, n in counts.items():
         (tmp_path / f"test_{name}").write_text("".join(_TEST.format(i=i, name=name) for i in range(n)))
     table = tmp_path / "seconds.json"
-    table.write_text(json.dumps({"seconds": {"test_longer.py": 50.0, "test_long.py": 20.0}}))
+    table.write_text(json.dumps({"seconds": {"test_longer.py": 50.0, "test_long.py": 20.0, "test_some.py": 2.0,
+                                             "test_many.py": 1.0}}))
     log, out = tmp_path / "order.log", tmp_path / "recorded.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # also when run under xdist
     env.update(ORDER_LOG=str(log), PYTHONPATH=str(REPO / "tests"))
@@ -60,3 +61,14 @@ def test_xdist_hands_out_the_longest_recorded_files_first_and_records_seconds(tm
     recorded = json.loads(out.read_text())["seconds"]
     assert set(recorded) == {f"test_{name}" for name in counts}
     assert all(recorded[f"test_{name}"] >= 0.3 * n for name, n in counts.items()), recorded
+
+
+def test_recording_without_xdist_is_refused(tmp_path):
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(PYTHONPATH=str(REPO / "tests"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "file_order", "-p", "no:cacheprovider", "-q",
+                           "--file-seconds-out", str(tmp_path / "out.json"), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--file-seconds-out: expected a pytest-xdist run (-n N)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.json").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch
 from deepmlf_fast.backbones.tokenizer import pad_token_id
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.fileio import build_once, cache_dir
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ _LLAMA_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
               "output.weight": "lm_head.weight"}
 
 
-def read_llama_gguf(path: Path):
+def read_llama_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """A Llama GGUF file as `(LlamaConfig, state dict)`: the config transformers' GGUF loading
     makes, the tensors under their HF names, de-quantised to fp32 (`(out, in)` weights), bit for
     bit the values transformers' loading gives (the same `gguf.quants.dequantize`; q/k rows
@@ -173,6 +177,10 @@ def read_llama_gguf(path: Path):
     if absent:
         raise BackboneError(f"{path.name}: Llama metadata {absent} missing (this converter needs all of {sorted(_LLAMA_META)})")
     heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    head_dim = meta["llama.embedding_length"] // heads
+    if meta["llama.rope.dimension_count"] != head_dim:  # partial rotary: LlamaConfig has no field for it
+        raise BackboneError(f"{path.name}: llama.rope.dimension_count: expected the head width {head_dim}, "
+                            f"found {meta['llama.rope.dimension_count']}")
     names = {t.name for t in reader.tensors}
     config = LlamaConfig(
         vocab_size=meta["llama.vocab_size"], hidden_size=meta["llama.embedding_length"],
@@ -180,15 +188,15 @@ def read_llama_gguf(path: Path):
         num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=meta["llama.context_length"], rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
         rope_parameters={"rope_theta": meta["llama.rope.freq_base"], "rope_type": "default"},
-        head_dim=meta["llama.rope.dimension_count"], tie_word_embeddings="output.weight" not in names,
-        bos_token_id=meta["tokenizer.ggml.bos_token_id"], eos_token_id=meta["tokenizer.ggml.eos_token_id"],
-        pad_token_id=meta["tokenizer.ggml.padding_token_id"], unk_token_id=meta["tokenizer.ggml.unknown_token_id"],
-        _model_name_or_path=meta["general.name"],  # as transformers' GGUF loading names it
+        head_dim=head_dim, tie_word_embeddings="output.weight" not in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"), unk_token_id=meta.get("tokenizer.ggml.unknown_token_id"),
+        _model_name_or_path=meta.get("general.name", path.stem),  # as transformers' GGUF loading names it
     )
     state = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")
-        if parts[0] == "blk" and parts[2] in _LLAMA_BLOCK:
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LLAMA_BLOCK:
             name = f"model.layers.{parts[1]}.{_LLAMA_BLOCK[parts[2]]}.{parts[3]}"
         elif tensor.name in _LLAMA_TOP:
             name = _LLAMA_TOP[tensor.name]
@@ -199,7 +207,10 @@ def read_llama_gguf(path: Path):
             n = heads if parts[-2] == "attn_q" else kv_heads
             shape = weights.shape
             weights = weights.reshape(n, shape[0] // n // 2, 2, *shape[1:]).swapaxes(2, 1).reshape(shape)
-        state[name] = torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: F32 tensors are read-only views of the file
+        weights = weights.astype(np.float32, copy=False)
+        if not weights.flags.writeable:  # F32 tensors are read-only views of the mapped file
+            weights = weights.copy()
+        state[name] = torch.from_numpy(weights)
     return config, state
 
 

@@ -14,6 +14,7 @@ shows the last one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -111,7 +112,9 @@ def run_checks(device: torch.device) -> dict[str, str | None]:
     pin = os.environ.pop(CONFIG_ENV, None)
     out = {}
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        no_autocast = (torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type)
+                       else contextlib.nullcontext())
+        with torch.inference_mode(False), torch.enable_grad(), no_autocast:
             for family, check in (("attention", _check_attention), ("gated_linear", _check_gated_linear)):
                 try:
                     for dtype in dtypes:

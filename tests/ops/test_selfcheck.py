@@ -41,9 +41,12 @@ def test_the_real_kernels_pass_and_the_verdict_is_kept_for_the_process(fresh, mo
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast_bf16"])
-def test_first_contact_in_evaluation_or_under_autocast_still_passes(fresh, mode):
+def test_first_contact_in_evaluation_or_under_autocast_still_passes(fresh, mode, monkeypatch, tmp_path):
     """The first kernel call of a process is often an evaluation pass: the check must still
-    take its gradients in its own dtypes (a verdict is kept for the process, and on disk on CUDA)."""
+    take its gradients in its own dtypes (a verdict is kept for the process, and on disk on CUDA).
+    On CPU the autocast case passes either way (the interpreted kernels are not autocast); it
+    guards CUDA, where the GPU check runs this file."""
+    monkeypatch.setenv("DEEPMLF_CACHE", str(tmp_path))  # no verdict stored by an earlier test (CUDA)
     contexts = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
                 "autocast_bf16": torch.autocast(fresh.type, dtype=torch.bfloat16)}
     with contexts[mode]:
