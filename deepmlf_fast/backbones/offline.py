@@ -167,6 +167,8 @@ def read_llama_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     from transformers import LlamaConfig
 
     reader = GGUFReader(path)
+    # Decoding the tokenizer's vocabulary and merges (~100k strings) takes seconds and the config
+    # needs only its special-token ids; the tokenizer is built on its own (`smollm2_tokenizer`).
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
     if meta.get("general.architecture") != "llama":
         raise BackboneError(f"{path.name}: architecture {meta.get('general.architecture')!r}, expected 'llama'")
