@@ -5,9 +5,9 @@ At the recipes' lengths (tens of tokens) attention is latency-bound, and PyTorch
 a FlashAttention-style kernel (flash-attention#591: below ~150-200 tokens). So the choice between
 our Triton kernels and the PyTorch reference path (SDPA off the CPU, `attention.sdpa_core`) is
 not assumed: `deepmlf bench` times both at each site on the user's device and records, per
-device, driver and package versions (the self-check's `device_key`), which one was faster over
-the recipes' shapes. `auto` then follows that record; without one it runs the kernels (once
-their first-contact self-check passed). An explicit `--backend triton` or `reference` always
+device, driver, package versions and kernel sources (the self-check's `device_key`), which one
+was faster over the recipes' shapes. `auto` then follows that record; without one it runs the
+kernels (once their first-contact self-check passed). An explicit `--backend triton` or `reference` always
 wins over the record.
 """
 

@@ -7,19 +7,21 @@ issues #11153, #5895), so a kernel is trusted on a GPU only once it has matched 
 there. A family that fails (a wrong result, or an error compiling or launching it) is not
 used on that device: `dispatch.resolve_backend` falls back to the PyTorch reference for it
 with one warning naming the device, the kernel and the error, or raises when the user asked
-for `backend='triton'`. Verdicts of CUDA devices are cached on disk per device, driver and
-package versions (`cache_dir()/selfcheck/`), so later processes skip the check; `deepmlf env`
-shows the last one.
+for `backend='triton'`. Verdicts of CUDA devices are cached on disk per device, driver,
+package versions and kernel sources (`cache_dir()/selfcheck/`), so later processes skip the
+check; `deepmlf env` shows the last one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -53,7 +55,7 @@ def verdict(family: str, device: torch.device) -> str | None:
 
 def device_key(device: torch.device) -> str:
     """What a verdict holds for: the device model and capability, the CUDA driver and runtime,
-    and the versions of torch, triton and deepmlf-fast (CPU: the interpreter)."""
+    the versions of torch, triton and deepmlf-fast, and the code that ran (CPU: the interpreter)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(name):
@@ -62,7 +64,8 @@ def device_key(device: torch.device) -> str:
         except PackageNotFoundError:
             return "none"
 
-    versions = f"torch {torch.__version__} triton {ver('triton')} deepmlf-fast {ver('deepmlf-fast')}"
+    versions = (f"torch {torch.__version__} triton {ver('triton')} deepmlf-fast {ver('deepmlf-fast')} "
+                f"code {code_digest()}")
     if device.type != "cuda":
         return f"{device.type} interpreter | {versions}"
     major, minor = torch.cuda.get_device_capability(device)
@@ -71,6 +74,26 @@ def device_key(device: torch.device) -> str:
 
 
 @functools.cache
+@functools.cache
+def code_digest() -> str:
+    """Digest of the kernels' and their launchers' sources (`deepmlf_kernels` and
+    `deepmlf_fast.ops`, this check among them). An editable install keeps its version while its
+    code changes, and a fixed kernel or check must not inherit a verdict stored by the old code."""
+    import deepmlf_kernels
+
+    return sources_digest((Path(deepmlf_kernels.__file__).parent, Path(__file__).parent))
+
+
+def sources_digest(folders) -> str:
+    """sha256 prefix (16 hex digits) over the names and bytes of the `*.py` files of `folders`."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.py")):
+            digest.update(f"{Path(folder).name}/{path.name}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cuda_driver() -> str:
     """The NVIDIA driver's version (NVML, else `nvidia-smi`), or "unknown": torch does not say."""
     try:

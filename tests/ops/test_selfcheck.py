@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +97,24 @@ def test_a_verdict_is_stored_per_device_and_read_back(fresh, monkeypatch, tmp_pa
     assert selfcheck._cached(key) == {"attention": "AssertionError: x", "gated_linear": None}
     assert selfcheck._cached(key.replace("sm_90", "sm_89")) is None  # another device: checked again
     assert selfcheck.last_result()["device"] == key
+
+
+def test_a_verdict_stored_by_other_kernel_or_check_code_is_not_used(tmp_path):
+    """The key names the sources of the kernels and of their launchers and check: a verdict that
+    older code stored (a kernel since fixed, or a check that judged sound kernels broken) is not
+    read back by newer code with the same package version (an editable install)."""
+    import deepmlf_kernels
+
+    key = selfcheck.device_key(torch.device("cpu"))
+    assert key.endswith(f"code {selfcheck.code_digest()}")
+    real = [Path(deepmlf_kernels.__file__).parent, Path(selfcheck.__file__).parent]
+    copies = [shutil.copytree(folder, tmp_path / str(i) / folder.name) for i, folder in enumerate(real)]
+    assert selfcheck.sources_digest(copies) == selfcheck.code_digest()  # exactly these sources
+    for edited in (copies[0] / "attention.py", copies[1] / "selfcheck.py"):
+        original = edited.read_bytes()
+        edited.write_bytes(original + b"\n")
+        assert selfcheck.sources_digest(copies) != selfcheck.code_digest(), edited
+        edited.write_bytes(original)
 
 
 def test_keyed_records_read_only_their_own_key(monkeypatch, tmp_path):
