@@ -7,8 +7,8 @@ our Triton kernels and the PyTorch reference path (SDPA off the CPU, `attention.
 not assumed: `deepmlf bench` times both at each site on the user's device and records, per
 device, driver, package versions and kernel sources (the self-check's `device_key`), which one
 was faster over the recipes' shapes. `auto` then follows that record; without one it runs the
-kernels (once their first-contact self-check passed). An explicit `--backend triton` or `reference` always
-wins over the record.
+kernels (once their first-contact self-check passed). An explicit `--backend triton` or
+`reference` always wins over the record.
 """
 
 from __future__ import annotations
