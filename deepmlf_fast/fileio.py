@@ -170,6 +170,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_npz(path: str | os.PathLike, **arrays) -> None:
+    """`np.savez(path, **arrays)` atomically (through a file object: given a name, np.savez
+    appends ".npz" to the temporary one)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Atomic JSON write (sorted keys, indented); NaN becomes null so the file stays valid JSON."""
     write_text_atomic(path, json.dumps(_nan_to_none(obj), indent=2, sort_keys=True) + "\n")

@@ -1,14 +1,19 @@
-"""`fileio.build_once`: processes that ask for the same cache folder at once build it once, and a
-build killed half-way blocks nothing and leaves nothing behind."""
+"""`fileio`: processes that ask for the same cache folder at once build it once (`build_once`), a
+build killed half-way blocks nothing and leaves nothing behind, and a file write that fails
+half-way leaves the earlier file whole."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
 
 from deepmlf_fast import fileio
 
@@ -77,3 +82,38 @@ def test_without_flock_the_folder_is_built_unlocked_and_it_says_so(tmp_path, mon
     assert (tmp_path / "entry" / "done").read_text() == "built"
     assert (tmp_path / ".entry.other.tmp").is_dir()  # unlocked, nothing tells it is not in progress
     assert "no file lock on this file system (No locks available)" in caplog.text
+
+
+def _half_then_fail(write_half):
+    """A writer's stand-in that writes half a file where it was told to (`write_half(*args)`),
+    then fails as a full disk or a kill would: only a temporary file may hold the half."""
+    def writer(*args, **kwargs):
+        write_half(*args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return writer
+
+
+@pytest.mark.parametrize("what", ["npz", "png", "bench csv"])
+def test_a_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_path, monkeypatch, what):
+    """The report's arrays and figures and `deepmlf bench`'s CSV replace the earlier file only
+    once the new one is complete: a failure half-way leaves the old bytes and no temporary."""
+    import numpy as np
+
+    from deepmlf_fast.bench import command
+    from deepmlf_fast.report import plots
+
+    path = tmp_path / f"out.{what.split()[-1]}"
+    path.write_bytes(b"the earlier, complete file")
+    if what == "npz":
+        monkeypatch.setattr(np, "savez", _half_then_fail(lambda file: file.write(b"PK half")))
+        write = lambda: fileio.write_npz(path, a=np.zeros(3))  # noqa: E731
+    elif what == "png":
+        monkeypatch.setattr(Figure, "savefig", _half_then_fail(lambda fig, name: Path(name).write_bytes(b"PNG half")))
+        write = lambda: plots.save_png(Figure(), path)  # noqa: E731
+    else:
+        monkeypatch.setattr(csv.DictWriter, "writeheader", _half_then_fail(lambda w: w.writer.writerow(["half"])))
+        write = lambda: command.write_csv(path, {}, 0.0, [])  # noqa: E731
+    with pytest.raises(OSError, match="No space left"):
+        write()
+    assert path.read_bytes() == b"the earlier, complete file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

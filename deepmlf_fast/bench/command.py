@@ -24,6 +24,7 @@ import torch
 
 from deepmlf_fast.bench import kernels
 from deepmlf_fast.errors import ConfigError
+from deepmlf_fast.fileio import atomic_path, write_text_atomic
 
 STEP_RECIPE = "demo"
 """The whole-step comparison's recipe: the default run's (SmolLM2-135M, bf16), random weights."""
@@ -99,7 +100,7 @@ def run(opts: BenchOptions, log=print) -> tuple[Path, Path]:
     opts.out.mkdir(parents=True, exist_ok=True)
     stem = opts.out / f"bench-{_slug(facts['device'])}-{facts['date'][:10]}"
     md, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
-    md.write_text(markdown(facts, verdicts, bandwidth, rows, choices, evidence, step_rows, step_note, recorded))
+    write_text_atomic(md, markdown(facts, verdicts, bandwidth, rows, choices, evidence, step_rows, step_note, recorded))
     write_csv(csv_path, facts, bandwidth, rows)
     return md, csv_path
 
@@ -170,7 +171,7 @@ CSV_COLUMNS = ["date", "device", "capability", "driver", "cuda", *VERSIONED, "ba
 
 def write_csv(path: Path, facts: dict[str, str], bandwidth: float, rows: list[kernels.Row]) -> None:
     """One line per kernel row, with the environment on every line."""
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for r in rows:

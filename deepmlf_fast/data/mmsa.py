@@ -42,7 +42,7 @@ import numpy as np
 
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import DataError
-from deepmlf_fast.fileio import atomic_path
+from deepmlf_fast.fileio import write_npz
 
 SPLITS = ("train", "valid", "test")
 NPZ_FORMAT = "deepmlf-mmsa-npz"
@@ -167,9 +167,7 @@ def save_npz(data: MMSAData, path: str | os.PathLike) -> Path:
         if s.vision_lengths is not None:
             arrays[f"{name}.vision_lengths"] = s.vision_lengths
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # A file object, because np.savez appends ".npz" to a temporary file name.
-        np.savez(f, **arrays)
+    write_npz(path, **arrays)
     return path
 
 

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from deepmlf_fast.data.specs import dataset_spec
+from deepmlf_fast.fileio import atomic_path
 from deepmlf_fast.report.classes import class_names, sentiment_classes
 
 LOSS_TERMS = ("task", "fusion", "av", "text", "clm", "total")
@@ -29,10 +30,10 @@ VALID_COUNTERPART = {"task": "MAE", "fusion": "MAE_fusion", "av": "MAE_av", "tex
 
 
 def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
-    """Render `fig` to a PNG at `path` (Agg canvas; parents created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Render `fig` to a PNG at `path` (Agg canvas; parents created; written atomically)."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from deepmlf_fast.config import RunConfig
 from deepmlf_fast.errors import CheckpointError
-from deepmlf_fast.fileio import read_json, write_text_atomic
+from deepmlf_fast.fileio import read_json, write_npz, write_text_atomic
 from deepmlf_fast.report.document import Doc
 from deepmlf_fast.train.rundir import RunDir
 
@@ -148,9 +148,9 @@ def _run_sections(doc: Doc, run: RunFiles, label: str, files: Path, seed: int | 
     sample_seed = int(seed if seed is not None else run.results["seeds"][0])
     test = _test_outputs(run, sample_seed, n_attention, device, session)
     maps = test["attention"]
-    np.savez(files / "attention.npz", index=maps["index"], valid=maps["valid"],
-             **{f"block_{b}": p for b, p in maps["probs"].items()})
-    np.savez(files / "predictions.npz", index=test["index"], pred=test["pred"], labels=test["labels"])
+    write_npz(files / "attention.npz", index=maps["index"], valid=maps["valid"],
+              **{f"block_{b}": p for b, p in maps["probs"].items()})
+    write_npz(files / "predictions.npz", index=test["index"], pred=test["pred"], labels=test["labels"])
 
     doc.heading(level, "Predictions")
     doc.image(plots.save_png(plots.scatter_figure(test["pred"], test["labels"], dataset,
