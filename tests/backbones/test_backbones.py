@@ -158,8 +158,8 @@ def test_smollm2_gguf_reads_as_transformers_own_gguf_loading_reads_it():
     assert digest.hexdigest() == _TRANSFORMERS_SMOLLM2_SHA256
 
 
-def _small_llama_gguf(path, extra: dict[str, float]):
-    """A one-tensor GGUF file with part of the Llama metadata, plus `extra` float keys."""
+def _small_llama_gguf(path, extra: dict[str, float | int]):
+    """A one-tensor GGUF file with part of the Llama metadata, plus `extra` keys (int: uint32)."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -167,7 +167,7 @@ def _small_llama_gguf(path, extra: dict[str, float]):
     for key, value in (("block_count", 1), ("embedding_length", 8), ("attention.head_count", 2)):
         writer.add_uint32(f"llama.{key}", value)
     for key, value in extra.items():
-        writer.add_float32(key, value)
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
     writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -185,3 +185,9 @@ def test_a_llama_gguf_with_metadata_the_reader_does_not_map_or_lacks_is_refused(
     partial = _small_llama_gguf(tmp_path / "partial.gguf", {})
     with pytest.raises(BackboneError, match=r"partial.gguf: Llama metadata \['llama.attention.head_count_kv', .*\] missing"):
         read_llama_gguf(partial)
+    rest = {"llama.context_length": 64, "llama.feed_forward_length": 16, "llama.attention.head_count_kv": 2,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0, "llama.vocab_size": 16}
+    rotary = _small_llama_gguf(tmp_path / "rotary.gguf", {**rest, "llama.rope.dimension_count": 2})  # heads of 4
+    with pytest.raises(BackboneError, match=r"rotary.gguf: llama.rope.dimension_count: expected the head width 4, "
+                                            r"found 2"):
+        read_llama_gguf(rotary)
