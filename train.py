@@ -10,7 +10,6 @@ It takes every `deepmlf train` argument, plus the `--local_rank` the deepspeed l
 passes (ranks are read from the launcher's environment). See docs/distributed.md.
 """
 
-import argparse
 import os
 import sys
 
@@ -18,9 +17,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") != "0":
         os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars from rank 0 only (read at tqdm import)
-    from deepmlf_fast.cli import _add_train_args, cmd_train, run
+    from deepmlf_fast.cli import ArgumentParser, _add_train_args, cmd_train, run
 
-    parser = argparse.ArgumentParser(description="Train DeepMLF, optionally with DeepSpeed (--deepspeed CONFIG).")
+    parser = ArgumentParser(description="Train DeepMLF, optionally with DeepSpeed (--deepspeed CONFIG).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")

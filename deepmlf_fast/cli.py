@@ -213,6 +213,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_estimate_memory(args) -> int:
+    from deepmlf_fast.config import validate_config
+    from deepmlf_fast.errors import ConfigError
     from deepmlf_fast.memory import estimate_memory
     from deepmlf_fast.presets import DATASET_RECIPE
     from deepmlf_fast.train.deepspeed_config import load_deepspeed_config, stage_of
@@ -220,6 +222,11 @@ def cmd_estimate_memory(args) -> int:
     if not (args.preset or args.config):  # the dataset's released recipe, not the synthetic demo
         args.preset = DATASET_RECIPE[args.dataset or "mosi"]
     cfg = run_config_from_args(args)
+    validate_config(cfg)
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus: expected an integer >= 1, found {args.gpus}")
+    if args.text_tokens is not None and args.text_tokens < 1:
+        raise ConfigError(f"--text-tokens: expected an integer >= 1, found {args.text_tokens}")
     zero, offload = args.zero, args.offload
     if args.deepspeed:
         ds = load_deepspeed_config(args.deepspeed)
@@ -256,17 +263,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from deepmlf_fast.fileio import atomic_path
+    from deepmlf_fast.errors import ConfigError
+    from deepmlf_fast.fileio import atomic_path, check_output
     from deepmlf_fast.report.classes import class_names, sentiment_classes
     from deepmlf_fast.train.evaluate import HEADS, predict
 
+    out = check_output(args.out or Path(args.run) / f"predictions_{args.split}.csv", "--out", ConfigError,
+                       directory=False)
     session, model, loader = _trained_split(args, require_labels=False)
     p = predict(model, loader, session.eval_ctx, desc=args.split)
     ids = session.data.split(args.split).ids
     dataset = session.cfg.data.dataset
     names = class_names(dataset)
     label_class, pred_class = sentiment_classes(p["labels"], dataset), sentiment_classes(p["pred"], dataset)
-    out = Path(args.out or Path(args.run) / f"predictions_{args.split}.csv")
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "label", "label_class", *HEADS, "pred_class"])
@@ -281,7 +290,12 @@ def cmd_predict(args) -> int:
 
 def cmd_make_synthetic(args) -> int:
     from deepmlf_fast.data import make_synthetic
+    from deepmlf_fast.errors import ConfigError
+    from deepmlf_fast.fileio import check_output
 
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed: expected an integer from 0 to 2**32 - 1, found {args.seed}")
+    check_output(args.out, "--out", ConfigError, directory=False)
     path = make_synthetic(args.out, args.dataset, args.n_train, args.n_valid, args.n_test, aligned=args.aligned,
                           seed=args.seed, fmt=args.format)
     print(f"written {path}")
@@ -290,7 +304,12 @@ def cmd_make_synthetic(args) -> int:
 
 def cmd_convert(args) -> int:
     from deepmlf_fast.data import convert_pickle
+    from deepmlf_fast.errors import ConfigError
+    from deepmlf_fast.fileio import check_output
 
+    check_output(args.dst, "dst", ConfigError, directory=False)
+    if Path(args.dst).resolve() == Path(args.src).resolve():
+        raise ConfigError(f"dst: expected a path other than the source, found {args.dst!r} (it would replace the pickle)")
     print(f"written {convert_pickle(args.src, args.dst, args.dataset)}")
     return 0
 
@@ -347,11 +366,19 @@ are then empty), and need hold only the split it is predicted on.
 """ + CLASS_RULES
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (argparse prints the whole usage first), like
+    every other input error of the CLI; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deepmlf_fast.config import DataConfig, choices
     from deepmlf_fast.data.mmsa import SPLITS
 
-    parser = argparse.ArgumentParser(prog="deepmlf", description="DeepMLF multimodal sentiment analysis")
+    parser = ArgumentParser(prog="deepmlf", description="DeepMLF multimodal sentiment analysis")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -20,6 +20,7 @@ of `ops.gate.GATES`, attention backends `ops.dispatch.BACKENDS`, parity modes of
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -478,8 +479,9 @@ def _type_rule(typ) -> tuple[Callable[[Any], bool], str]:
         return (lambda v: isinstance(v, bool)), "true or false"
     if typ is int:
         return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
-    if typ is float:
-        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if typ is float:  # NaN and infinities fail range checks silently (every comparison is False)
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), \
+            "a finite number"
     if typ is str:
         return (lambda v: isinstance(v, str)), "a string"
     return (lambda v: True), ""  # tuples: the cross-field rules of `validate_config` check their items
@@ -506,9 +508,10 @@ def validate_config(cfg: RunConfig) -> None:
     m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     if not (isinstance(o.betas, tuple) and len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas)):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), found {o.betas!r}")
-    if not (isinstance(t.seeds, tuple) and t.seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                          for s in t.seeds)):
-        raise ConfigError(f"train.seeds: expected one or more integers >= 0, found {t.seeds!r}")
+    if not (isinstance(t.seeds, tuple) and t.seeds and all(isinstance(s, int) and not isinstance(s, bool)
+                                                          and 0 <= s < 2**32 for s in t.seeds)):
+        raise ConfigError(f"train.seeds: expected one or more integers from 0 to 2**32 - 1 (numpy's seed range), "
+                          f"found {t.seeds!r}")
     if len(set(t.seeds)) != len(t.seeds):
         raise ConfigError(f"train.seeds: expected distinct seeds, found {list(t.seeds)}")
     if not (isinstance(d.synthetic_sizes, tuple) and len(d.synthetic_sizes) == 3

@@ -164,6 +164,26 @@ def recover_dir(path: str | os.PathLike) -> str | None:
     return "; ".join(done) or None
 
 
+def check_output(path: str | os.PathLike, what: str, error: type[Exception], *, directory: bool) -> Path:
+    """Refuse, before any work, an output `path` that cannot be written: a directory output
+    that is an existing file, a file output that is an existing directory, or a path under a
+    file or under a folder this process may not write. `what` names the field in the one-line
+    `error`. -> `Path(path)`."""
+    path = Path(path)
+    kind = "directory" if directory else "file"
+    if path.exists() and path.is_dir() != directory:
+        found = "directory" if path.is_dir() else "file"
+        raise error(f"{what}: expected a {kind} path, found an existing {found} {str(path)!r}")
+    # the folder a write would create entries in: the path itself (an existing directory) or its
+    # nearest existing ancestor
+    base = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    if not base.is_dir():
+        raise error(f"{what}: expected a {kind} path under a directory, found the file {str(base)!r} on {str(path)!r}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise error(f"{what}: expected a writable location, found {str(base)!r} not writable for {str(path)!r}")
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:

@@ -80,6 +80,9 @@ TRAIN_CASES = [
     ("lr-negative", lambda d, t: ["--lr", "-0.1"], ["optim.lr_mm", "> 0", "-0.1"]),
     ("epochs-zero", lambda d, t: ["--epochs", "0"], ["optim.max_epochs", ">= 1", "0"]),
     ("duplicate-seeds", lambda d, t: ["--seeds", "1", "1"], ["train.seeds", "distinct", "[1, 1]"]),
+    ("seed-past-numpy-range", lambda d, t: ["--seeds", "5000000000"], ["train.seeds", "2**32 - 1", "5000000000"]),
+    ("lr-infinite", lambda d, t: ["--lr", "inf"], ["optim.lr_mm", "inf"]),
+    ("gate-init-nan", lambda d, t: ["--set", "fusion.gate_init=nan"], ["fusion.gate_init", "finite", "nan"]),
     ("heads-not-dividing-width", lambda d, t: ["--set", "fusion.n_heads=7"], ["fusion.n_heads", "128", "7"]),
     ("lora-rank-too-large", lambda d, t: ["--set", "fusion.lora_rank=999"], ["fusion.lora_rank", "128", "999"]),
     ("dropout-out-of-range", lambda d, t: ["--set", "fusion.dropout=1.5"], ["model.fusion.dropout", "[0, 1)", "1.5"]),
@@ -127,6 +130,42 @@ def test_bad_train_input_stops_before_anything(case, make_args, words, data, tmp
     assert not out.exists(), f"{case}: {out} was created"
 
 
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--epochs", "1.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err == "deepmlf train: error: argument --epochs: invalid int value: '1.5' (see deepmlf train --help)\n"
+
+
+OTHER_CASES = [  # (case id, arguments (built from data, tmp), words the message must contain)
+    ("make-synthetic-negative-seed", lambda d, t: ["make-synthetic", "--out", str(t / "s.pkl"), "--seed", "-1"],
+     ["--seed", "2**32 - 1", "-1"]),
+    ("make-synthetic-out-is-a-directory", lambda d, t: ["make-synthetic", "--out", str(t)],
+     ["--out", "file path", "existing directory"]),
+    ("make-synthetic-out-under-a-file", lambda d, t: ["make-synthetic", "--out", str(d) + "/x.pkl"],
+     ["--out", "under a directory", "mosi.pkl"]),
+    ("convert-onto-its-source", lambda d, t: ["convert-data", str(d), str(d), "--dataset", "mosi"],
+     ["dst", "other than the source"]),
+    ("convert-under-a-file", lambda d, t: ["convert-data", str(d), str(d) + "/x.npz", "--dataset", "mosi"],
+     ["dst", "under a directory"]),
+    ("estimate-no-gpus", lambda d, t: ["estimate-memory", "--backbone", "tiny-gpt2", "--gpus", "0"],
+     ["--gpus", ">= 1", "0"]),
+    ("estimate-batch-zero", lambda d, t: ["estimate-memory", "--backbone", "tiny-gpt2", "--batch-size", "0"],
+     ["optim.batch_size", ">= 1", "0"]),
+    ("estimate-negative-text", lambda d, t: ["estimate-memory", "--backbone", "tiny-gpt2", "--text-tokens", "-5"],
+     ["--text-tokens", ">= 1", "-5"]),
+]
+
+
+@pytest.mark.parametrize("case, make_args, words", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
+def test_bad_input_of_the_other_commands_stops_before_anything(case, make_args, words, data, tmp_path, capsys):
+    before = data.read_bytes()
+    rc = main(["-q", *make_args(data, tmp_path)])
+    _assert_clean_failure(rc, capsys.readouterr().err, words)
+    assert data.read_bytes() == before and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 def test_existing_run_is_left_byte_identical(data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -144,6 +183,12 @@ def test_output_dir_that_is_a_file(data, tmp_path, capsys):
     rc = main(["-q", "train", "--data", str(data), "--dataset", "mosi", *TINY, "--output-dir", str(out)])
     _assert_clean_failure(rc, capsys.readouterr().err, ["train.output_dir", "directory", "file"])
     assert out.read_text() == "not a directory"
+    for command in ("train", "sweep"):  # a run directory under the file
+        grid = ["--grid", "fusion.dropout=0.1,0.2"] if command == "sweep" else []
+        rc = main(["-q", command, "--data", str(data), "--dataset", "mosi", *TINY, *grid, "--output-dir",
+                   str(out / "sub")])
+        _assert_clean_failure(rc, capsys.readouterr().err, ["output_dir", "under a directory", str(out)])
+        assert out.read_text() == "not a directory"
 
 
 @pytest.fixture
@@ -159,6 +204,16 @@ def fake_run(data, tmp_path) -> Path:
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
     (run / "seed_3" / "best.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
     return run
+
+
+def test_predict_refuses_an_unwritable_out_before_predicting(fake_run, tmp_path, capsys, monkeypatch):
+    from deepmlf_fast import cli
+
+    monkeypatch.setattr(cli, "_trained_split", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out, words in ((tmp_path, ["--out", "file path", "existing directory"]),
+                       (fake_run / "config.json" / "p.csv", ["--out", "under a directory", "config.json"])):
+        rc = main(["-q", "predict", "--run", str(fake_run), "--out", str(out)])
+        _assert_clean_failure(rc, capsys.readouterr().err, words)
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])

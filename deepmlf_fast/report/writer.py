@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from deepmlf_fast.config import RunConfig
-from deepmlf_fast.errors import CheckpointError
-from deepmlf_fast.fileio import read_json, write_npz, write_text_atomic
+from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
+from deepmlf_fast.fileio import check_output, read_json, write_npz, write_text_atomic
 from deepmlf_fast.report.document import Doc
 from deepmlf_fast.train.rundir import RunDir
 
@@ -107,7 +107,16 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     for r in runs:
         if seed is not None and str(seed) not in r.histories:
             raise CheckpointError(f"{str(r.root)!r} has no seed {seed}; its seeds are {r.results['seeds']}")
+    if session is None:  # what rebuilding each run's model needs
+        from deepmlf_fast.hardware import resolve_device
+
+        resolve_device(device, "--device")
+        for r in runs:
+            if r.cfg.data.path is not None and not Path(r.cfg.data.path).is_file():
+                raise DataError(f"{r.cfg.data.path}: data file of the run {str(r.root)!r} not found (expected an "
+                                f"MMSA .pkl or a converted .npz)")
     out = Path(out) if out is not None else runs[0].root if len(runs) == 1 else runs[0].root.parent
+    check_output(out, "--out", ConfigError, directory=True)
     labels = run_labels([r.root for r in runs])
     doc = Doc()
     doc.heading(1, "DeepMLF report" + (f": {labels[0]}" if len(runs) == 1 else ""))

@@ -34,7 +34,7 @@ from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, 
 from deepmlf_fast.data.mmsa import MMSASplit
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
-from deepmlf_fast.fileio import cache_dir, read_json, write_json
+from deepmlf_fast.fileio import cache_dir, check_output, read_json, write_json
 from deepmlf_fast.hardware import DTYPES, keep_freed_memory, resolve_device, resolve_run
 from deepmlf_fast.metrics import format_metrics, metric_keys
 from deepmlf_fast.model.build import build_deepmlf
@@ -174,9 +174,7 @@ def check_run(cfg: RunConfig, lm_config=None) -> None:
     check_model_config(cfg.model, lm_config if lm_config is not None else backbone_config(cfg.model.backbone))
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise DataError(f"{cfg.data.path}: data file not found (expected an MMSA .pkl or a converted .npz)")
-    out = Path(cfg.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"train.output_dir: expected a directory, found a file at {str(out)!r}")
+    check_output(cfg.train.output_dir, "train.output_dir", ConfigError, directory=True)
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, model: DeepMLF | None = None,

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 from deepmlf_fast.backbones.load import backbone_config
 from deepmlf_fast.config import RunConfig, apply_overrides, field_path, parse_value
 from deepmlf_fast.errors import ConfigError
-from deepmlf_fast.fileio import write_json
+from deepmlf_fast.fileio import check_output, write_json
 from deepmlf_fast.train import distributed, run
 from deepmlf_fast.train.rundir import RunDir
 
@@ -196,8 +196,7 @@ def run_sweep(base: RunConfig, grid: Sequence[str], sweep_dir: str | Path, *, re
             raise ConfigError(f"sweep cell {cell.name}: {e}") from None
         if not overwrite:
             RunDir(cell.cfg.train.output_dir).check_compatible(cell.cfg, resume, False)
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise ConfigError(f"sweep directory: expected a directory, found a file at {str(sweep_dir)!r}")
+    check_output(sweep_dir, "sweep directory", ConfigError, directory=True)
     if distributed.is_main():
         if overwrite and sweep_dir.exists():
             shutil.rmtree(sweep_dir)

@@ -140,6 +140,29 @@ def test_report_of_an_unfinished_run_fails_cleanly(demo_run, tmp_path, capsys):
     assert "no seed 7" in capsys.readouterr().err
 
 
+def test_a_bad_device_data_file_or_out_stops_the_report_before_it_writes(demo_run, tmp_path, capsys):
+    """Each is found before the first figure: nothing is created under `--out` or the run."""
+    before = sorted(p.relative_to(demo_run) for p in demo_run.rglob("*"))
+    out = tmp_path / "out"
+    assert main(["-q", "report", str(demo_run), "--out", str(out), "--device", "tpu"]) == 2
+    assert "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_run, moved, ignore=shutil.ignore_patterns("report*"))
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "gone.pkl")
+    (moved / "config.json").write_text(json.dumps(config))
+    assert main(["-q", "report", str(demo_run), str(moved), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gone.pkl: data file of the run" in err and str(moved) in err
+    assert not out.exists() and not list(moved.glob("report*"))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["-q", "report", str(demo_run), "--out", str(afile / "sub")]) == 2
+    assert "--out: expected a directory path under a directory, found the file" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+    assert sorted(p.relative_to(demo_run) for p in demo_run.rglob("*")) == before
+
+
 def test_without_matplotlib_train_logs_one_line_instead(demo_run, monkeypatch, caplog):
     import sys
 
