@@ -120,11 +120,14 @@ def run_config_from_args(args: argparse.Namespace):
     """Build the RunConfig a `train` invocation asks for: the base (--config, --preset, the
     dataset's recipe or the demo), --dataset/--data/--backbone, then the override table and
     --set. Reads only configuration files (and a backbone's config for --backbone)."""
-    from deepmlf_fast.config import RunConfig, apply_overrides, parse_value
+    from deepmlf_fast.config import RunConfig, apply_overrides, field_path, parse_value
     from deepmlf_fast.errors import ConfigError
     from deepmlf_fast.fileio import read_json
     from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset
 
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise ConfigError("--resume and --overwrite: expected at most one (--resume continues the run in --output-dir, "
+                          "--overwrite deletes it first), found both")
     if args.config:
         cfg = RunConfig.from_dict(read_json(args.config, "--config", ConfigError))
     elif args.preset:
@@ -160,6 +163,9 @@ def run_config_from_args(args: argparse.Namespace):
         path, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"--set: expected PATH=VALUE like fusion.dropout=0.2, found {item!r}")
+        if field_path(path.strip()).startswith("resolved."):
+            raise ConfigError(f"--set {path.strip()}: expected a train, data, model, optim or pretrain field; the "
+                              f"resolved section records what the run found on this machine (set train.* instead)")
         changes[path.strip()] = parse_value(path.strip(), text)
     return apply_overrides(cfg, changes)
 

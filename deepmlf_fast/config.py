@@ -424,7 +424,11 @@ def _parse(typ, text: str, path: str) -> Any:
     if origin is tuple:
         item = args[0]
         try:
-            return tuple(_parse(item, t, path) for t in text.split(",") if t.strip())
+            if not text:
+                return ()
+            if any(not t.strip() for t in text.split(",")):  # "1,,2" or "1,": a value left out
+                raise ConfigError(path)
+            return tuple(_parse(item, t, path) for t in text.split(","))
         except ConfigError:
             raise ConfigError(f"{path}: expected comma-separated {item.__name__}s like 3,5,7, found {text!r}") from None
     if typ is bool:

@@ -72,6 +72,10 @@ TRAIN_CASES = [
     ("mm-layers-out-of-range", lambda d, t: ["--mm-layers", "1,9"], ["fusion.mm_layers", "[0, 3]", "[9]"]),
     ("mm-layers-not-integers", lambda d, t: ["--mm-layers", "1,x"], ["mm_layers", "1,x"]),
     ("mm-layers-duplicate", lambda d, t: ["--mm-layers", "2,2"], ["fusion.mm_layers", "duplicate"]),
+    ("mm-layers-item-left-out", lambda d, t: ["--mm-layers", "1,,2"], ["fusion.mm_layers", "3,5,7", "'1,,2'"]),
+    ("resume-and-overwrite", lambda d, t: ["--resume", "--overwrite"], ["--resume and --overwrite", "found both"]),
+    ("set-resolved", lambda d, t: ["--set", "resolved.device=tpu"], ["resolved.device", "train.*"]),
+    ("data-is-a-directory", lambda d, t: ["--data", str(t)], ["expected a data file", "found a directory"]),
     ("fusion-tokens-past-positions", lambda d, t: ["--fusion-tokens", "300"],
      ["fusion.n_tokens", "256 positions", "350"]),
     ("fusion-tokens-zero", lambda d, t: ["--fusion-tokens", "0"], ["fusion.n_tokens", ">= 1", "0"]),
@@ -220,6 +224,8 @@ def test_predict_refuses_an_unwritable_out_before_predicting(fake_run, tmp_path,
 def test_damaged_files_are_named(command, fake_run, tmp_path, capsys):
     rc = main(["-q", command, "--run", str(fake_run), "--device", "cpu"])
     _assert_clean_failure(rc, capsys.readouterr().err, ["best.safetensors", "damaged"])
+    rc = main(["-q", command, "--run", str(fake_run), "--seed", "7"])
+    _assert_clean_failure(rc, capsys.readouterr().err, ["seed_7", "seed 7", "its seeds: [3]"])
     (fake_run / "config.json").write_text('{"model": ')
     rc = main(["-q", command, "--run", str(fake_run)])
     _assert_clean_failure(rc, capsys.readouterr().err, ["config.json", "damaged", "JSON"])

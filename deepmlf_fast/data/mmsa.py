@@ -116,8 +116,7 @@ def load_mmsa(
     split, field, what was expected and what was found. Reads only; writes nothing.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (expected an MMSA .pkl or a converted .npz)")
+    check_data_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     raw = _read_npz(path) if magic == _ZIP_MAGIC else _read_pickle(path)
@@ -174,6 +173,15 @@ def save_npz(data: MMSAData, path: str | os.PathLike) -> Path:
 def convert_pickle(src_pkl: str | os.PathLike, dst_npz: str | os.PathLike, dataset: str) -> Path:
     """Load a trusted MMSA pickle, validate it and write it as a safe `.npz`."""
     return save_npz(load_mmsa(src_pkl, dataset), dst_npz)
+
+
+def check_data_file(path: str | os.PathLike) -> None:
+    """DataError unless `path` is a file (what a data file must be before it is read)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: expected a data file (an MMSA .pkl or a converted .npz), found a directory")
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (expected an MMSA .pkl or a converted .npz)")
 
 
 # ---------------------------------------------------------------------------- readers

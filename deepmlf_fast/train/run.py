@@ -31,9 +31,9 @@ from deepmlf_fast.backbones.load import LoadedBackbone, backbone_config, load_ba
 from deepmlf_fast.backbones.quantize import WHOLE_WEIGHT_COPIES
 from deepmlf_fast.config import RunConfig, validate_config, with_av_widths
 from deepmlf_fast.data import MMSAData, load_mmsa, make_loader, make_synthetic, tokenize_texts
-from deepmlf_fast.data.mmsa import MMSASplit
+from deepmlf_fast.data.mmsa import MMSASplit, check_data_file
 from deepmlf_fast.data.specs import dataset_spec
-from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
+from deepmlf_fast.errors import CheckpointError, ConfigError
 from deepmlf_fast.fileio import cache_dir, check_output, read_json, write_json
 from deepmlf_fast.hardware import DTYPES, keep_freed_memory, resolve_device, resolve_run
 from deepmlf_fast.metrics import format_metrics, metric_keys
@@ -172,8 +172,8 @@ def check_run(cfg: RunConfig, lm_config=None) -> None:
     presence, and the output directory."""
     validate_config(cfg)
     check_model_config(cfg.model, lm_config if lm_config is not None else backbone_config(cfg.model.backbone))
-    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
-        raise DataError(f"{cfg.data.path}: data file not found (expected an MMSA .pkl or a converted .npz)")
+    if cfg.data.path is not None:
+        check_data_file(cfg.data.path)
     check_output(cfg.train.output_dir, "train.output_dir", ConfigError, directory=True)
 
 
@@ -336,7 +336,8 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))
     seed = cfg.train.seeds[0] if seed is None else seed
     if not rd.best(seed).is_file():
-        raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model")
+        raise CheckpointError(f"{str(rd.best(seed))!r} does not exist: seed {seed} of this run has no trained model "
+                              f"(its seeds: {list(cfg.train.seeds)})")
     if session is None:
         dataset_spec(cfg.data.dataset)
         session = Session(cfg, device, load_run_data(cfg, require_labels))
