@@ -281,7 +281,7 @@ def _features(x: Any, where: str, field: str, dim: int) -> tuple[np.ndarray, int
     if x.shape[2] != dim:
         raise DataError(
             f"{where}: {field}: expected feature dim {dim}, found shape {x.shape} "
-            f"(pass {field}_dim= for non-standard features)"
+            f"(another dataset's file? name it with --dataset or data.dataset; other widths: data.{field}_dim)"
         )
     x = x.astype(np.float32, copy=False)
     neg_inf = np.isneginf(x)
