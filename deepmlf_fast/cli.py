@@ -126,8 +126,8 @@ def run_config_from_args(args: argparse.Namespace):
     from deepmlf_fast.presets import adapt_to_backbone, recipe, recipe_for_dataset
 
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        raise ConfigError("--resume and --overwrite: expected at most one (--resume continues the run in --output-dir, "
-                          "--overwrite deletes it first), found both")
+        raise ConfigError("--resume and --overwrite: expected at most one (--resume continues the run in "
+                          "--output-dir, --overwrite deletes it first), found both")
     if args.config:
         cfg = RunConfig.from_dict(read_json(args.config, "--config", ConfigError))
     elif args.preset:
@@ -315,7 +315,8 @@ def cmd_convert(args) -> int:
 
     check_output(args.dst, "dst", ConfigError, directory=False)
     if Path(args.dst).resolve() == Path(args.src).resolve():
-        raise ConfigError(f"dst: expected a path other than the source, found {args.dst!r} (it would replace the pickle)")
+        raise ConfigError(f"dst: expected a path other than the source, found {args.dst!r} (it would replace "
+                          f"the pickle)")
     print(f"written {convert_pickle(args.src, args.dst, args.dataset)}")
     return 0
 

@@ -61,7 +61,8 @@ def _write(tmp: Path, name: str, text: str) -> str:
 # (case id, extra train arguments (built from data, tmp), words the message must contain)
 TRAIN_CASES = [
     ("missing-data-file", lambda d, t: ["--data", str(t / "nope.pkl")], ["nope.pkl", "not found"]),
-    ("feature-width-vs-dataset", lambda d, t: ["--data", str(d), "--dataset", "mosei"], ["audio", "74", "5", "--dataset"]),
+    ("feature-width-vs-dataset", lambda d, t: ["--data", str(d), "--dataset", "mosei"],
+     ["audio", "74", "5", "--dataset"]),
     ("unknown-backbone", lambda d, t: ["--backbone", "gpt-17"], ["gpt-17", "Presets"]),
     ("nan-label", lambda d, t: ["--data", str(_bad_pickle(d, t, _nan_label))], ["regression_labels", "valid"]),
     ("inf-feature", lambda d, t: ["--data", str(_bad_pickle(d, t, _inf_vision))], ["vision", "valid"]),
