@@ -128,6 +128,9 @@ def run_config_from_args(args: argparse.Namespace):
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise ConfigError("--resume and --overwrite: expected at most one (--resume continues the run in "
                           "--output-dir, --overwrite deletes it first), found both")
+    if getattr(args, "no_pretrain", False) and getattr(args, "pretrain_epochs", None) is not None:
+        raise ConfigError(f"--pretrain-epochs: expected none with --no-pretrain (stage 1 is skipped), found "
+                          f"{args.pretrain_epochs}")
     if args.config:
         cfg = RunConfig.from_dict(read_json(args.config, "--config", ConfigError))
     elif args.preset:
@@ -302,6 +305,8 @@ def cmd_make_synthetic(args) -> int:
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"--seed: expected an integer from 0 to 2**32 - 1, found {args.seed}")
     check_output(args.out, "--out", ConfigError, directory=False)
+    if Path(args.out).suffix != f".{args.format}":  # the reader goes by content, a user by the name
+        raise ConfigError(f"--out: expected a .{args.format} path for --format {args.format}, found {args.out!r}")
     path = make_synthetic(args.out, args.dataset, args.n_train, args.n_valid, args.n_test, aligned=args.aligned,
                           seed=args.seed, fmt=args.format)
     print(f"written {path}")
@@ -317,6 +322,8 @@ def cmd_convert(args) -> int:
     if Path(args.dst).resolve() == Path(args.src).resolve():
         raise ConfigError(f"dst: expected a path other than the source, found {args.dst!r} (it would replace "
                           f"the pickle)")
+    if Path(args.dst).suffix != ".npz":
+        raise ConfigError(f"dst: expected a .npz path (convert-data writes the .npz format), found {args.dst!r}")
     print(f"written {convert_pickle(args.src, args.dst, args.dataset)}")
     return 0
 
