@@ -406,7 +406,11 @@ def _field_type(parts: list[str], path: str):
 def parse_value(path: str, text: str) -> Any:
     """Convert a command-line string to the type of the field at `path` (ints, floats,
     booleans 'true'/'false', literals, comma-separated tuples, 'none' for optional fields)."""
-    typ = _field_type(field_path(path).split("."), path)
+    full = field_path(path)
+    if full.startswith("resolved."):
+        raise ConfigError(f"{path}: expected a train, data, model, optim or pretrain field; the resolved section "
+                          f"records what the run found on this machine (set train.* instead)")
+    typ = _field_type(full.split("."), path)
     return _parse(typ, text.strip(), path)
 
 
@@ -472,7 +476,8 @@ def _type_rule(typ) -> tuple[Callable[[Any], bool], str]:
     if typing.get_origin(typ) is Annotated:
         base, check = typing.get_args(typ)[:2]
         is_base = _type_rule(base)[0]
-        return (lambda v: is_base(v) and check.ok(v)), check.expected
+        expected = check.expected.replace("a number", "a finite number") if base is float else check.expected
+        return (lambda v: is_base(v) and check.ok(v)), expected
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin in (typing.Union, types.UnionType):  # `X | None`, the only unions of the config
         ok, expected = _type_rule(next(a for a in args if a is not type(None)))

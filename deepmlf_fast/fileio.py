@@ -171,12 +171,16 @@ def check_output(path: str | os.PathLike, what: str, error: type[Exception], *, 
     `error`. -> `Path(path)`."""
     path = Path(path)
     kind = "directory" if directory else "file"
-    if path.exists() and path.is_dir() != directory:
-        found = "directory" if path.is_dir() else "file"
-        raise error(f"{what}: expected a {kind} path, found an existing {found} {str(path)!r}")
-    # the folder a write would create entries in: the path itself (an existing directory) or its
-    # nearest existing ancestor
-    base = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    try:
+        if path.exists() and path.is_dir() != directory:
+            found = "directory" if path.is_dir() else "file"
+            raise error(f"{what}: expected a {kind} path, found an existing {found} {str(path)!r}")
+        # the folder a write would create entries in: the path itself (an existing directory) or
+        # its nearest existing ancestor
+        base = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    except OSError as e:  # a folder on the way that this process may not enter
+        raise error(f"{what}: expected a writable location, found {str(path)!r} not accessible "
+                    f"({e.strerror})") from None
     if not base.is_dir():
         raise error(f"{what}: expected a {kind} path under a directory, found the file {str(base)!r} on {str(path)!r}")
     if not os.access(base, os.W_OK | os.X_OK):

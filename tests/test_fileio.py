@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from matplotlib.figure import Figure
 
 from deepmlf_fast import fileio
 
@@ -100,7 +99,6 @@ def test_a_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_path, mon
     import numpy as np
 
     from deepmlf_fast.bench import command
-    from deepmlf_fast.report import plots
 
     path = tmp_path / f"out.{what.split()[-1]}"
     path.write_bytes(b"the earlier, complete file")
@@ -108,6 +106,9 @@ def test_a_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_path, mon
         monkeypatch.setattr(np, "savez", _half_then_fail(lambda file: file.write(b"PK half")))
         write = lambda: fileio.write_npz(path, a=np.zeros(3))  # noqa: E731
     elif what == "png":
+        Figure = pytest.importorskip("matplotlib.figure").Figure  # the optional [report] extra
+        from deepmlf_fast.report import plots
+
         monkeypatch.setattr(Figure, "savefig", _half_then_fail(lambda fig, name: Path(name).write_bytes(b"PNG half")))
         write = lambda: plots.save_png(Figure(), path)  # noqa: E731
     else:
@@ -117,3 +118,18 @@ def test_a_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_path, mon
         write()
     assert path.read_bytes() == b"the earlier, complete file"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_an_output_behind_a_folder_it_may_not_enter_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Path.exists raises on EACCES (a folder without search permission, as a non-root user
+    meets it): the refusal names the field instead of leaking the OSError."""
+    class Refused(Exception):
+        pass
+
+    def exists(self):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with pytest.raises(Refused, match=r"--out: expected a writable location, found '.*x.csv' not accessible "
+                                      r"\(Permission denied\)"):
+        fileio.check_output(tmp_path / "locked" / "x.csv", "--out", Refused, directory=False)

@@ -24,7 +24,7 @@ import torch
 
 from deepmlf_fast.bench import kernels
 from deepmlf_fast.errors import ConfigError
-from deepmlf_fast.fileio import atomic_path, write_text_atomic
+from deepmlf_fast.fileio import atomic_path, check_output, write_text_atomic
 
 STEP_RECIPE = "demo"
 """The whole-step comparison's recipe: the default run's (SmolLM2-135M, bf16), random weights."""
@@ -48,10 +48,7 @@ def check_options(device: str, out: str, steps: int, record: bool = True) -> Ben
     dev = resolve_device(device, field="--device")
     if not 1 <= steps <= 1000:
         raise ConfigError(f"--steps: expected an integer in [1, 1000], found {steps}")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out: expected a directory (or a path to create), found the file {path}")
-    return BenchOptions(dev, path, steps, record)
+    return BenchOptions(dev, check_output(out, "--out", ConfigError, directory=True), steps, record)
 
 
 def plan_lines(opts: BenchOptions) -> list[str]:

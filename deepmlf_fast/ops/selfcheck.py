@@ -74,7 +74,6 @@ def device_key(device: torch.device) -> str:
 
 
 @functools.cache
-@functools.cache
 def code_digest() -> str:
     """Digest of the kernels' and their launchers' sources (`deepmlf_kernels` and
     `deepmlf_fast.ops`, this check among them). An editable install keeps its version while its
@@ -94,6 +93,7 @@ def sources_digest(folders) -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.cache
 def cuda_driver() -> str:
     """The NVIDIA driver's version (NVML, else `nvidia-smi`), or "unknown": torch does not say."""
     try:

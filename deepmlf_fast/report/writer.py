@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from deepmlf_fast.config import RunConfig
+from deepmlf_fast.data.mmsa import check_data_file
 from deepmlf_fast.errors import CheckpointError, ConfigError, DataError
 from deepmlf_fast.fileio import check_output, read_json, write_npz, write_text_atomic
 from deepmlf_fast.report.document import Doc
@@ -112,11 +111,14 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
 
         resolve_device(device, "--device")
         for r in runs:
-            if r.cfg.data.path is not None and not Path(r.cfg.data.path).is_file():
-                raise DataError(f"{r.cfg.data.path}: data file of the run {str(r.root)!r} not found (expected an "
-                                f"MMSA .pkl or a converted .npz)")
+            if r.cfg.data.path is not None:
+                try:
+                    check_data_file(r.cfg.data.path)
+                except DataError as e:
+                    raise DataError(f"run {str(r.root)!r}: {e}") from None
+    field = "--out" if out is not None else "--out (default: the run's folder; give --out elsewhere)"
     out = Path(out) if out is not None else runs[0].root if len(runs) == 1 else runs[0].root.parent
-    check_output(out, "--out", ConfigError, directory=True)
+    check_output(out, field, ConfigError, directory=True)
     labels = run_labels([r.root for r in runs])
     doc = Doc()
     doc.heading(1, "DeepMLF report" + (f": {labels[0]}" if len(runs) == 1 else ""))

@@ -188,6 +188,7 @@ def run_sweep(base: RunConfig, grid: Sequence[str], sweep_dir: str | Path, *, re
     training settings (`deepmlf train --resume`); `overwrite`: the sweep folder is emptied first."""
     sweep_dir = Path(sweep_dir)
     axes = parse_grid(grid, base)
+    check_output(sweep_dir, "sweep directory", ConfigError, directory=True)
     cells = sweep_cells(base, axes, sweep_dir)
     for cell in cells:  # everything is checked before the first cell trains
         try:
@@ -196,7 +197,6 @@ def run_sweep(base: RunConfig, grid: Sequence[str], sweep_dir: str | Path, *, re
             raise ConfigError(f"sweep cell {cell.name}: {e}") from None
         if not overwrite:
             RunDir(cell.cfg.train.output_dir).check_compatible(cell.cfg, resume, False)
-    check_output(sweep_dir, "sweep directory", ConfigError, directory=True)
     if distributed.is_main():
         if overwrite and sweep_dir.exists():
             shutil.rmtree(sweep_dir)

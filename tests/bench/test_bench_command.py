@@ -77,11 +77,12 @@ def test_on_a_cpu_it_says_what_it_would_run_and_exits_0(tmp_path, capsys):
     (["--steps", "0"], "--steps: expected an integer in [1, 1000], found 0"),
     (["--device", "cuda:7"], "--device: expected a device this machine has"),
     (["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'"),
-    (["--out", "FILE"], "--out: expected a directory (or a path to create), found the file"),
+    (["--out", "FILE"], "--out: expected a directory path, found an existing file"),
+    (["--out", "FILE/sub"], "--out: expected a directory path under a directory, found the file"),
 ])
 def test_bad_arguments_fail_in_one_line_before_anything_runs(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("x")
-    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    args = [str(tmp_path / a) if a.startswith("FILE") else a for a in args]
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -134,3 +134,21 @@ def test_keyed_records_read_only_their_own_key(monkeypatch, tmp_path):
     records.path("c").write_text("{not json")
     assert records.read("c") is None
     assert records.latest()["device"] == "a"  # the damaged newest file is passed over
+
+
+def test_the_driver_is_asked_once_per_process(monkeypatch):
+    """Every verdict and `auto` lookup on CUDA builds the device key: the driver query (NVML, or
+    an `nvidia-smi` process) must run once, not on every call."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: the nvidia-smi path
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or SimpleNamespace(stdout="555.42\n"))
+    selfcheck.cuda_driver.cache_clear()
+    try:
+        assert selfcheck.cuda_driver() == selfcheck.cuda_driver() == "555.42"
+        assert len(calls) == 1
+    finally:
+        selfcheck.cuda_driver.cache_clear()

@@ -153,7 +153,7 @@ def test_a_bad_device_data_file_or_out_stops_the_report_before_it_writes(demo_ru
     (moved / "config.json").write_text(json.dumps(config))
     assert main(["-q", "report", str(demo_run), str(moved), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "gone.pkl: data file of the run" in err and str(moved) in err
+    assert f"run {str(moved)!r}: " in err and "gone.pkl: data file not found" in err
     assert not out.exists() and not list(moved.glob("report*"))
     afile = tmp_path / "afile"
     afile.write_text("mine")

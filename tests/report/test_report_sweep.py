@@ -41,6 +41,7 @@ def test_depth_k_spreads_k_blocks_from_the_recipes_first_to_the_last():
     (["fusion.mm_layers=1,3;9"], "fusion.mm_layers: indices must be in [0, 3]"),
     (["fusion.n_tokens=2,2"], "repeated value"),
     (["train.output_dir=a,b"], "the sweep sets it"),
+    (["resolved.device=a,b"], "resolved.device: expected a train, data, model, optim or pretrain field"),
     (["fusion.n_tokens"], "expected PATH=VALUES"),
 ])
 def test_a_bad_grid_fails_before_anything_runs(grid, message, tmp_path, capsys):
