@@ -426,15 +426,14 @@ def _parse(typ, text: str, path: str) -> Any:
             raise ConfigError(f"{path}: expected one of {list(args)}, found {text!r}")
         return next(a for a in args if str(a) == text)
     if origin is tuple:
-        item = args[0]
+        item, items = args[0], text.split(",") if text else []
+        bad = ConfigError(f"{path}: expected comma-separated {item.__name__}s like 3,5,7, found {text!r}")
+        if any(not t.strip() for t in items):  # "1,,2" or "1,": a value left out
+            raise bad
         try:
-            if not text:
-                return ()
-            if any(not t.strip() for t in text.split(",")):  # "1,,2" or "1,": a value left out
-                raise ConfigError(path)
-            return tuple(_parse(item, t, path) for t in text.split(","))
+            return tuple(_parse(item, t, path) for t in items)
         except ConfigError:
-            raise ConfigError(f"{path}: expected comma-separated {item.__name__}s like 3,5,7, found {text!r}") from None
+            raise bad from None
     if typ is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"{path}: expected true or false, found {text!r}")

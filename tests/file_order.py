@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from deepmlf_fast.fileio import write_text_atomic
+
 TABLE = Path(__file__).with_name("file_seconds.json")
 _SECONDS: dict[str, float] = {}  # file nodeid -> seconds of its tests' setup, call and teardown
 
@@ -73,7 +75,7 @@ def pytest_sessionfinish(session):
         seconds = {**load_seconds(Path(out)), **{k: round(v, 1) for k, v in _SECONDS.items()}}
         table = {"command": " ".join(["pytest"] + sys.argv[1:]),
                  "seconds": dict(sorted(seconds.items(), key=lambda kv: -kv[1]))}
-        Path(out).write_text(json.dumps(table, indent=1) + "\n")
+        write_text_atomic(out, json.dumps(table, indent=1) + "\n")
 
 
 @pytest.hookimpl(optionalhook=True)
