@@ -22,6 +22,7 @@ Semantics shared by every backend:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ def varlen_attention(
     dropout_p: float = 0.0,
     seqused_k: torch.Tensor | None = None,
     backend: str = "auto",
+    plan_cache: dict | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences.
 
@@ -68,6 +70,9 @@ def varlen_attention(
         dropout_p: dropout on attention probabilities (pass 0.0 at evaluation).
         seqused_k: optional `(B,)` int32 number of valid keys per sample (<= its span).
         backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+        plan_cache: a dict owned by this layout (these `cu_seqlens`, max lengths and `seqused_k`),
+            where the reference path keeps its `PaddingPlan` between calls: a pass through a
+            decoder calls attention once per block on the same layout.
 
     Returns:
         `(Nq, Hq, d)` attention output in q's dtype.
@@ -87,8 +92,61 @@ def varlen_attention(
         )
     return varlen_attention_reference(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal=causal, scale=scale, dropout_p=dropout_p, seqused_k=seqused_k,
+        causal=causal, scale=scale, dropout_p=dropout_p, seqused_k=seqused_k, plan_cache=plan_cache,
     )
+
+
+@dataclass(frozen=True)
+class PaddingPlan:
+    """What `varlen_attention_reference` needs of a layout alone: where each packed row sits in
+    the padded `(B, L)` layout and which keys each query row may see."""
+
+    b_q: torch.Tensor
+    """(Nq,) sample of each query row; `pos_q (Nq,)` its position, likewise `b_k`, `pos_k (Nk,)`."""
+    pos_q: torch.Tensor
+    b_k: torch.Tensor
+    pos_k: torch.Tensor
+    blocked: torch.Tensor
+    """(B, 1, G*Lq, Lk) bool, True where a query may not see a key (G query heads per K/V head
+    stacked as row blocks); a row with no visible key is let see key 0 (`has_key` zeroes it)."""
+    has_key: torch.Tensor
+    """(B, Lq) bool: the query row sees at least one key."""
+
+
+def padding_plan(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    n_q: int,
+    n_k: int,
+    *,
+    causal: bool,
+    group: int,
+    seqused_k: torch.Tensor | None = None,
+) -> PaddingPlan:
+    """The `PaddingPlan` of a layout (arguments as `varlen_attention`'s; `n_q`, `n_k` packed rows,
+    `group` query heads per K/V head)."""
+    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    span_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    lens_k = span_k if seqused_k is None else seqused_k.long()
+    bsz = lens_q.numel()
+    b_q, pos_q = _rows_to_padded(cu_seqlens_q, lens_q, n_q)
+    b_k, pos_k = _rows_to_padded(cu_seqlens_k, span_k, n_k)
+    i = torch.arange(max_seqlen_q, device=lens_q.device)
+    j = torch.arange(max_seqlen_k, device=lens_q.device)
+    visible = j[None, None, :] < lens_k[:, None, None]  # (B, 1, Lk)
+    if causal:
+        offset = (lens_k - lens_q)[:, None, None]
+        visible = visible & (j[None, None, :] <= i[None, :, None] + offset)  # (B, Lq, Lk)
+    visible = visible.expand(bsz, max_seqlen_q, max_seqlen_k)
+    has_key = visible.any(-1)  # (B, Lq)
+    # A row with no visible key would make softmax NaN in forward and backward; let it
+    # see key 0 and zero its output instead, so its gradient is exactly zero.
+    safe = visible.clone()
+    safe[..., 0] |= ~has_key
+    blocked = ~safe[:, None].repeat(1, 1, group, 1)  # (B, 1, G*Lq, Lk)
+    return PaddingPlan(b_q, pos_q, b_k, pos_k, blocked, has_key)
 
 
 def varlen_attention_reference(
@@ -105,45 +163,35 @@ def varlen_attention_reference(
     dropout_p: float = 0.0,
     seqused_k: torch.Tensor | None = None,
     dropout_mask: torch.Tensor | None = None,
+    plan_cache: dict | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch `varlen_attention`: pad, masked softmax attention, unpad. The core is
     explicit scores on CPU up to `MATH_PATH_MAX_KEYS` keys, SDPA beyond (where the scores would
     cost too much memory) and on every other device (`sdpa_core`).
 
     `dropout_mask`, when given, is a `(B, Hq, max_seqlen_q, max_seqlen_k)` bool keep-mask
-    applied instead of random dropout (tests use it to replay a kernel's dropout).
+    applied instead of random dropout (tests use it to replay a kernel's dropout). `plan_cache`
+    as `varlen_attention`'s.
     """
     n_q, hq, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     bsz = cu_seqlens_q.numel() - 1
-    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    span_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    lens_k = span_k if seqused_k is None else seqused_k.long()
-
-    b_q, pos_q = _rows_to_padded(cu_seqlens_q, lens_q, n_q)
-    b_k, pos_k = _rows_to_padded(cu_seqlens_k, span_k, k.shape[0])
-    qp = q.new_zeros(bsz, max_seqlen_q, hq, d).index_put((b_q, pos_q), q)
-    kp = k.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((b_k, pos_k), k)
-    vp = v.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((b_k, pos_k), v)
-    qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, L, d)
     group = hq // hkv
+    key = (causal, group, n_q, k.shape[0])
+    plan = None if plan_cache is None else plan_cache.get(key)
+    if plan is None:
+        plan = padding_plan(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, n_q, k.shape[0],
+                            causal=causal, group=group, seqused_k=seqused_k)
+        if plan_cache is not None:
+            plan_cache[key] = plan
+
+    qp = q.new_zeros(bsz, max_seqlen_q, hq, d).index_put((plan.b_q, plan.pos_q), q)
+    kp = k.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((plan.b_k, plan.pos_k), k)
+    vp = v.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((plan.b_k, plan.pos_k), v)
+    qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, L, d)
     # GQA without copying K/V: the G query heads of a K/V head become G blocks of query rows.
     qp = qp.reshape(bsz, hkv, group * max_seqlen_q, d)  # (B, Hkv, G*Lq, d)
-
-    i = torch.arange(max_seqlen_q, device=q.device)
-    j = torch.arange(max_seqlen_k, device=q.device)
-    visible = j[None, None, :] < lens_k[:, None, None]  # (B, 1, Lk)
-    if causal:
-        offset = (lens_k - lens_q)[:, None, None]
-        visible = visible & (j[None, None, :] <= i[None, :, None] + offset)  # (B, Lq, Lk)
-    visible = visible.expand(bsz, max_seqlen_q, max_seqlen_k)
-    has_key = visible.any(-1)  # (B, Lq)
-    # A row with no visible key would make softmax NaN in forward and backward; let it
-    # see key 0 and zero its output instead, so its gradient is exactly zero.
-    safe = visible.clone()
-    safe[..., 0] |= ~has_key
-    mask = safe[:, None].repeat(1, 1, group, 1)  # (B, 1, G*Lq, Lk)
 
     if dropout_mask is not None or (max_seqlen_k <= MATH_PATH_MAX_KEYS and not sdpa_core(q)):
         # Explicit softmax: at these lengths it is several times faster on CPU than SDPA's
@@ -151,7 +199,7 @@ def varlen_attention_reference(
         # Scores in fp32 at least, but fp64 stays fp64 (fp64 gradchecks).
         acc = torch.promote_types(q.dtype, torch.float32)
         s = torch.matmul(qp, kp.transpose(-1, -2)).to(acc) * scale  # (B, Hkv, G*Lq, Lk)
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        p = torch.softmax(s.masked_fill(plan.blocked, float("-inf")), dim=-1)
         if dropout_mask is not None:
             keep = dropout_mask.reshape(bsz, hkv, group * max_seqlen_q, max_seqlen_k)
             p = p * keep.to(p.dtype) / (1.0 - dropout_p)
@@ -159,9 +207,9 @@ def varlen_attention_reference(
             p = dropout(p, dropout_p)
         out = torch.matmul(p.to(vp.dtype), vp)  # (B, Hkv, G*Lq, d)
     else:
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    out = out.view(bsz, hq, max_seqlen_q, d) * has_key[:, None, :, None].to(out.dtype)  # (B, Hq, Lq, d)
-    return out.transpose(1, 2)[b_q, pos_q]  # (Nq, Hq, d)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=~plan.blocked, dropout_p=dropout_p, scale=scale)
+    out = out.view(bsz, hq, max_seqlen_q, d) * plan.has_key[:, None, :, None].to(out.dtype)  # (B, Hq, Lq, d)
+    return out.transpose(1, 2)[plan.b_q, plan.pos_q]  # (Nq, Hq, d)
 
 
 def padded_attention(

@@ -18,7 +18,7 @@ The registered function understands three layouts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -44,6 +44,9 @@ class VarlenContext:
     max_seqlen_k: int
     backend: str = "auto"
     kv_hook: KVHook | None = None
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
+    """The reference attention's `PaddingPlan`s of this layout, made by the first block that
+    needs one and reused by the others (`varlen_attention`'s `plan_cache`)."""
 
 
 def deepmlf_attention(
@@ -75,7 +78,7 @@ def deepmlf_attention(
         _check_window(window, ctx.max_seqlen_k)
         out = varlen_attention(
             q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
-            causal=causal, scale=scaling, dropout_p=dropout, backend=ctx.backend,
+            causal=causal, scale=scaling, dropout_p=dropout, backend=ctx.backend, plan_cache=ctx.plans,
         )
         return out.unsqueeze(0), None
     _check_window(window, key.shape[2])

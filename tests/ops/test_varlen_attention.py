@@ -229,3 +229,22 @@ def test_reference_gradcheck(causal):
                                           seqused_k=used, dropout_p=0.3, dropout_mask=keep)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_reference_plan_cache_is_exact_and_reused():
+    """A pass shares one plan cache over its blocks: each call gives bitwise what an uncached
+    call gives (forward and gradients), whatever the masking and GQA grouping the calls ask
+    for, and the cache holds one plan per such variant, reused on the next round."""
+    lens_q, lens_k = [3, 1, 4], [5, 2, 4]
+    cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
+    cache: dict = {}
+    for _ in range(2):
+        for causal in (True, False):
+            for hkv in (4, 2):
+                q, k, v, dout = _inputs(lens_q, lens_k, 4, hkv, 8, FP32, "cpu", seed=hkv)
+                want = _fwd_bwd(varlen_attention_reference, q, k, v, dout, cu_q, cu_k, 4, 5, causal=causal)
+                got = _fwd_bwd(varlen_attention_reference, q, k, v, dout, cu_q, cu_k, 4, 5, causal=causal,
+                               plan_cache=cache)
+                for a, b in zip(got, want):
+                    assert torch.equal(a, b)
+        assert len(cache) == 4
