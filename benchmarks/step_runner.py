@@ -13,6 +13,8 @@ What is measured (after building the model and the batch, and `gc.collect()`):
   work (tokenisation) is part of what it costs.
 * parity: before anything is timed, one deterministic forward + backward (no dropout, no
   SoftPerm) records the loss terms and two gradients, which the test compares across providers;
+  a bf16 configuration also records them in fp32 (on an fp32 copy of the same weights), the
+  reference its bf16 values are judged against;
 * FLOPs: deepmlf-fast's exact count of its step (`flops.deepmlf_step_flops`), or for the
   official style what PyTorch counts while one more step runs (`flops.counted_flops`, before
   the timed steps); the achieved FLOP/s over the median step time, next to the measured rate of
@@ -33,6 +35,7 @@ What is measured (after building the model and the batch, and `gc.collect()`):
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import resource
 import sys
@@ -84,6 +87,13 @@ def main(argv=None) -> int:
     module.train()
     batch = make_batch(run_cfg, tok, step_cfg.batch, device)
     parity = parity_values(args.provider, module, cfg, batch, step_cfg.precision)
+    # What bf16 parity values are judged against (test_bench_step): the same forward + backward in
+    # fp32, on an fp32 copy of these weights, freed before anything is timed or measured.
+    parity_fp32 = None
+    if step_cfg.precision == "bf16":
+        fp32_copy = copy.deepcopy(module).float()
+        parity_fp32 = parity_values(args.provider, fp32_copy, cfg, batch, "fp32")
+        del fp32_copy
     step = make_train_step(args.provider, module, cfg, batch, precision=step_cfg.precision)
     build_s = time.perf_counter() - t0
     gc.collect()
@@ -148,7 +158,7 @@ def main(argv=None) -> int:
         "tokens_per_step": tokens, "text_source": batch.text_source, "attn": args.attn, "note": note,
         "threads": torch.get_num_threads(), "flops": flops, "achieved_flops_per_s": flops / median,
         "gemm_flops_per_s": gemm, "gemm_flops_per_s_each": gemm_rates,
-        "fraction_of_gemm": fractions[len(fractions) // 2], "parity": parity,
+        "fraction_of_gemm": fractions[len(fractions) // 2], "parity": parity, "parity_fp32": parity_fp32,
     })
     return 0
 

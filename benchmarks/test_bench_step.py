@@ -43,6 +43,7 @@ PROVIDERS = ("official", "ours", "ours_recompute")
 
 _PEAKS: dict[tuple[str, str], float] = {}
 _PARITY: dict[tuple[str, str], dict] = {}
+_PARITY_FP32: dict[str, dict] = {}
 
 
 def _run_provider(step_config: StepConfig, provider: str, bench_env, tmp_path: Path) -> dict:
@@ -86,9 +87,11 @@ def test_training_step(step_config: StepConfig, provider: str, bench_env, record
     assert res["flops"] > 0 and 0 < res["fraction_of_gemm"], res
     _PEAKS[(step_config.name, provider)] = res["peak_mb"]
     _PARITY[(step_config.name, provider)] = res["parity"]
+    if provider == "official" and res["parity_fp32"] is not None:
+        _PARITY_FP32[step_config.name] = res["parity_fp32"]
     reference = _PARITY.get((step_config.name, "official"))
     if provider.startswith("ours") and reference is not None:
-        _assert_same_step(res["parity"], reference, step_config.precision)
+        _assert_same_step(res["parity"], reference, _PARITY_FP32.get(step_config.name))
     notes = [
         f"B={res['batch']} F={res['n_fusion']} mm={len(res['mm_layers'])} clm={res['w_clm']:g}",
         f"tokens/step={res['tokens_per_step']}", f"mem={res['mem_method']}", f"text={res['text_source']}",
@@ -107,30 +110,47 @@ def test_training_step(step_config: StepConfig, provider: str, bench_env, record
     ))
 
 
-def _assert_same_step(ours: dict, official: dict, precision: str) -> None:
+def _assert_same_step(ours: dict, official: dict, fp32: dict | None) -> None:
     """Both providers compute the same training step: equal loss terms and gradients on the
-    deterministic parity forward (tolerances as `test_bench_step_parity.py`; bf16 runs compare
-    two bf16 roundings of a 30-block LM, so 2e-2).
+    deterministic parity forward.
 
-    In bf16 the fusion tokens' gradient is left out: it is not a property of either
-    implementation there. Measured on SmolLM2-135M (B16), each side's bf16 gradient against the
-    fp32 one: 32% (official) and 129% (ours) relative Frobenius error, with fusion-token
-    predictions up to 2.3 (official) and 1.6 (ours) away from fp32; the gradient flows back
-    through 30 bf16 blocks and the L1 terms' sign changes. The fp32 runs compare it at 1e-3.
+    fp32 (`fp32` None): equal within fp32 rounding (tolerances as `test_bench_step_parity.py`).
+    bf16: both sides are bf16 roundings of the same fp32 step (`fp32`: the official side's values
+    on an fp32 copy of its weights), and how far each lands from it depends on the CPU's bf16
+    arithmetic (AMX, AVX512-BF16, CUDA), so a fixed bound between the two sides holds on one
+    machine and fails on the next. Ours must land no further from fp32 than 3x the official
+    side (FlashAttention's error-ratio criterion, as the kernel tests use), plus 4 bf16 ulps of
+    the value's scale for values the official side happens to round almost exactly (one scalar
+    loss). The fusion tokens' gradient is left out in bf16: it is not a property of either
+    implementation there (both sides' L1 terms change sign under bf16 rounding). Measured on
+    SmolLM2-135M B16, the relative errors from fp32, ours / official: AMX 0.09 / 1.24 (fusion
+    tokens), 0.09 / 0.06 (query projection); the same Xeon capped to AVX512-BF16 1.36 / 0.26 and
+    0.07 / 0.04; on an AVX512-BF16 EPYC (earlier code, relative Frobenius error) 1.29 / 0.32 for
+    the fusion tokens. What this resolves, on the AMX Xeon: every MM gate of ours scaled by 1.5
+    under bf16 autocast fails it (task loss 0.028 from fp32 against a bound of 0.0245; the query
+    projection's gradient 0.73 against the official side's 0.056), scaled by 1.1 it passes: bf16
+    rounding through 30 blocks moves these values as much. Functional differences are the fp32
+    configurations' to catch (1e-3 and tighter).
     """
     import torch
 
-    loose = precision == "bf16"
     assert ours.keys() == official.keys(), (sorted(ours), sorted(official))
+    if fp32 is not None:
+        assert fp32.keys() == official.keys(), (sorted(fp32), sorted(official))
     for key in ours:
-        if loose and key == "grad_fusion_tokens":
-            continue
         a, b = torch.tensor(ours[key]), torch.tensor(official[key])
-        if key.startswith("loss_"):
-            torch.testing.assert_close(a, b, rtol=2e-2 if loose else 1e-5, atol=2e-2 if loose else 3e-6, msg=key)
-        else:
-            scale = b.abs().max().item() + 1e-12
-            assert (a - b).abs().max().item() <= (5e-2 if loose else 1e-3) * scale, key
+        if fp32 is None:
+            if key.startswith("loss_"):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-6, msg=key)
+            else:
+                assert (a - b).abs().max().item() <= 1e-3 * (b.abs().max().item() + 1e-12), key
+        elif key != "grad_fusion_tokens":
+            ref = torch.tensor(fp32[key])
+            err_ours, err_official = (a - ref).abs().max().item(), (b - ref).abs().max().item()
+            floor = 4 * 2.0**-8 * ref.abs().max().item()
+            assert err_ours <= 3 * err_official + floor, (
+                f"{key}: bf16 error from fp32 {err_ours:.3g} (ours) against {err_official:.3g} (official), "
+                f"bound {3 * err_official + floor:.3g}")
 
 
 def _finite(x: float) -> bool:
