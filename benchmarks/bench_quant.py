@@ -35,6 +35,10 @@ ROWS = (232, 928)
 METHODS = ("bf16", "llm-int8", "nf4", "int8-weight-only", "fp8")
 
 
+def _block_words(elements: int | None) -> str:
+    return "the whole weight at once" if elements is None else f"blocks of {elements} dense elements"
+
+
 def make_layer(method: str, k: int, n: int, device: torch.device) -> nn.Module:
     """A bias-free `(k -> n)` frozen linear quantized by `method` ("bf16": dense), random weights."""
     from deepmlf_fast.backbones.quantize import quantization_config, quantize_linear_layers
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cpu":
-        from deepmlf_fast.hardware import keep_freed_memory
+        from deepmlf_fast.host import keep_freed_memory
 
         # Every method on a kept heap (freed blocks reused, not refaulted): what the kernels cost. A
         # CPU run keeps it for the weight-only methods only (`quantize.WHOLE_WEIGHT_COPIES`).
@@ -116,11 +120,12 @@ def main(argv=None) -> int:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
             if blocks:
                 res = {}
+                chosen = weight_only.cpu_block_elements
                 for b in blocks:
-                    weight_only.CPU_BLOCK_ELEMENTS = 1 << b
+                    weight_only.cpu_block_elements = lambda dtype, b=b: 1 << b
                     key = f"int8-weight-only block 2^{b}"
                     res[key] = measure({"bf16": layers["bf16"], key: layers[key]}, x, args.reps, device)[key]
-                weight_only.CPU_BLOCK_ELEMENTS = 1 << 21
+                weight_only.cpu_block_elements = chosen
                 res.update(measure({m: layers[m] for m in methods}, x, args.reps, device))
             else:
                 res = measure({m: layers[m] for m in methods}, x, args.reps, device)
@@ -142,6 +147,8 @@ def main(argv=None) -> int:
 def write(out: Path, device: torch.device, name: str, rows: list[dict], args) -> None:
     from harness import git_commit, versions
 
+    from deepmlf_fast.ops import weight_only
+
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quant_gemm_{device.type}"
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -162,7 +169,9 @@ def write(out: Path, device: torch.device, name: str, rows: list[dict], args) ->
         f"{datetime.date.today().isoformat()}",
         f"- bf16 activations (autocast), {args.reps} interleaved repetitions, medians; "
         "`x bf16`: time over the bf16 nn.Linear's; `vs LLM.int8`: LLM.int8's time over this one's",
-        "- fwd: forward only; fwd+bwd: forward and the input's gradient (frozen weights, no weight gradient)", "",
+        "- fwd: forward only; fwd+bwd: forward and the input's gradient (frozen weights, no weight gradient)",
+        *([f"- int8-weight-only's CPU forward converts {_block_words(weight_only.cpu_block_elements(torch.bfloat16))} "
+           "(`ops.weight_only.cpu_block_elements`, measured on this machine)"] if device.type == "cpu" else []), "",
         "| shape (in x out) | rows | method | fwd ms | fwd+bwd ms | x bf16 (fwd / fwd+bwd) | vs LLM.int8 (fwd / fwd+bwd) |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from deepmlf_fast.hardware import cpu_flags, device_facts
+from deepmlf_fast.host import cpu_flags
+from deepmlf_fast.hardware import device_facts
 from deepmlf_fast.train.run import av_swap_maes, train_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

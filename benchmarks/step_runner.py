@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 import harness  # noqa: E402
 import shapes  # noqa: E402
-from deepmlf_fast.hardware import keep_freed_memory  # noqa: E402
+from deepmlf_fast.host import keep_freed_memory  # noqa: E402
 from flops import counted_flops, deepmlf_step_flops  # noqa: E402
 from step_common import (  # noqa: E402
     PROVIDERS,

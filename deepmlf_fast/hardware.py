@@ -30,11 +30,11 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from deepmlf_fast.config import PrecisionName, Resolved, RunConfig
+from deepmlf_fast.host import cpu_flags, cpu_key, cpu_name
 from deepmlf_fast.errors import ConfigError, DeepMLFError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
 from deepmlf_fast.ops import autochoice
@@ -76,28 +76,6 @@ class Precision:
 
     name: PrecisionName
     reason: str
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's flags from /proc/cpuinfo (`avx2`, `avx512_bf16`, `amx_bf16`, ...); None off Linux."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_native_bf16(flags: set[str] | None, onednn_bf16: bool, capability: str) -> tuple[bool, str]:
@@ -150,20 +128,12 @@ def _time_products(repeats: int = 7, calls: int = 4) -> ProbeTimes:
     return ProbeTimes(best[torch.float32], best[torch.bfloat16])
 
 
-def _probe_key() -> str:
-    """What the probe's result depends on: the CPU, the libraries, PyTorch's ISA caps, threads."""
-    flags = cpu_flags() or set()
-    caps = [f"{v}={os.environ.get(v, '')}" for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")]
-    return "|".join([_cpu_name(), ",".join(sorted(f for f in flags if f.startswith(("avx", "amx")))),
-                     f"torch {torch.__version__}", *caps, f"threads {torch.get_num_threads()}"])
-
-
 def bf16_probe() -> ProbeTimes:
     """`ProbeTimes` of this CPU, measured once (a fraction of a second) and cached in
-    `<cache>/hardware/bf16_probe.json` under `_probe_key()`, so every run on the same machine
+    `<cache>/hardware/bf16_probe.json` under `cpu_key()`, so every run on the same machine
     and library versions takes the same decision."""
     path = cache_dir() / "hardware" / "bf16_probe.json"
-    key = _probe_key()
+    key = cpu_key()
     try:
         cached = read_json(path, "bf16 probe cache", DeepMLFError) if path.is_file() else {}
     except DeepMLFError:
@@ -208,7 +178,7 @@ def device_facts(device: torch.device | str) -> DeviceFacts:
     if device.type == "cpu":
         native, why = cpu_native_bf16(cpu_flags(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), capability)
         native, why = cpu_fast_bf16(native, why, bf16_probe)
-        return DeviceFacts("cpu", _cpu_name(), native, why, capability)
+        return DeviceFacts("cpu", cpu_name(), native, why, capability)
     return DeviceFacts(str(device), device.type, False, f"no bf16 policy for device type {device.type!r}", capability)
 
 
@@ -246,33 +216,6 @@ def set_tf32(enabled: bool) -> None:
     mode = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
-
-
-MALLOC_KEEP_BYTES = 1 << 30
-"""Largest block glibc serves from (and keeps in) its heap once `keep_freed_memory` ran."""
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of returning it to the kernel; -> whether
-    it applied (glibc only; a no-op elsewhere). Process-wide, like TF32.
-
-    PyTorch's CPU tensors come straight from malloc, and glibc serves every block above its
-    mmap threshold (128 KiB to 32 MiB) with fresh pages and unmaps it on free, so a training
-    step's large activations and the CLM term's `(rows, vocab)` blocks fault in every page
-    again each step: 60-80 thousand page faults and 0.15-0.4 s of kernel time per GPT-2 step
-    on a 2-core EPYC VM. Serving blocks up to `MALLOC_KEEP_BYTES` from the heap and trimming
-    it only past 2 GiB free (mallopt takes a C int) removes them; the resident size then stays
-    at the run's peak, which it reaches on the first step anyway."""
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    int_max = 2**31 - 1
-    return all(libc.mallopt(opt, value) == 1 for opt, value in (
-        (m_mmap_threshold, MALLOC_KEEP_BYTES), (m_trim_threshold, int_max), (m_top_pad, 64 << 20)))
 
 
 def resolve_device(name: str, field: str = "train.device") -> torch.device:

@@ -158,7 +158,7 @@ def test_keep_freed_memory_keeps_a_freed_large_block_for_reuse():
 
     code = (
         "import ctypes, torch\n"
-        "from deepmlf_fast.hardware import keep_freed_memory\n"
+        "from deepmlf_fast.host import keep_freed_memory\n"
         "class Info(ctypes.Structure):\n"
         "    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
         "libc = ctypes.CDLL('libc.so.6')\n"

@@ -11,7 +11,7 @@ PACKAGE = "deepmlf_fast"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 FLOORS: list[tuple[str, ...]] = [
-    ("errors", "fileio"),
+    ("errors", "fileio", "host"),
     ("data", "config", "ops"),
     ("layers", "backbones", "hardware", "metrics"),
     ("model", "presets"),

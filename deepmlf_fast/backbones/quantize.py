@@ -31,7 +31,7 @@ WEIGHT_ONLY = {"int8-weight-only": "int8", "fp8": "fp8"}
 WHOLE_WEIGHT_COPIES = ("llm-int8", "nf4")
 """Methods whose CPU training products make a dense copy of each whole weight per call
 (bitsandbytes' `MatMul8bitFp` and 4-bit path: 33-90 MB per linear at 7B). With freed memory kept
-in glibc's heap (`hardware.keep_freed_memory`) those copies and the activations saved between
+in glibc's heap (`host.keep_freed_memory`) those copies and the activations saved between
 them fragment it: the issue-19 7B LLM.int8 run peaked at 22.9 GiB with it and 13.5 GiB without
 (the estimate: 13.5), its epoch at 70 s against 213 s. A CPU run with these methods returns
 freed memory to the kernel (`train.run.Session`): a 7B run must fit the machine first."""
@@ -111,7 +111,7 @@ def prepare_weight_only(module: nn.Module, quant_config: WeightOnlyConfig, devic
     Allocating a layer's 8-bit storage before its dense weights keeps the heap from fragmenting
     when a model is built layer by layer: each dense layer is then the newest allocation and its
     space, freed, is reused whole by the next one (glibc keeps freed memory once
-    `hardware.keep_freed_memory` ran; without this order the build's peak crept up by a layer
+    `host.keep_freed_memory` ran; without this order the build's peak crept up by a layer
     every ten or so)."""
     return {name: WeightOnlyLinear.empty_like(module.get_submodule(name), quant_config.fmt, device)
             for name in _quantizable(module, set(quant_config.skip_modules), None)}

@@ -6,10 +6,10 @@ The product is `y = (x @ Q^T) diag(s) + b`: the 8-bit values are converted to th
 That is the fastest 8-bit product measured on CPU (`benchmarks/results/quant_gemm_cpu.md`): at the
 7B shapes on a 2-core EPYC it takes 1.04-1.15x the bf16 GEMM's time, where ATen's
 `_weight_int8pack_mm` took 2.7x, `_scaled_mm` with FP8 4.5x and bitsandbytes' LLM.int8
-1.15-1.7x. On CPU the forward converts
-the weight in blocks of output rows that stay in cache (`CPU_BLOCK_ELEMENTS`); FP8 on a CUDA
-device with rowwise `_scaled_mm` (sm_90 and newer) runs as an FP8 GEMM instead, the activation
-quantized per row on the fly.
+1.15-1.7x. On CPU the forward converts the weight in blocks of output rows that stay in cache,
+or whole, whichever this CPU runs faster (`cpu_block_elements`, measured once per machine); FP8
+on a CUDA device with rowwise `_scaled_mm` (sm_90 and newer) runs as an FP8 GEMM instead, the
+activation quantized per row on the fly.
 
 The weights are frozen: backward computes the input's gradient (and the bias's, when it
 requires one) with a transient dense copy of the layer, never a weight gradient.
@@ -18,8 +18,13 @@ requires one) with a transient dense copy of the layer, never a weight gradient.
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
+
+from deepmlf_fast.host import cpu_key, freed_memory_kept
+from deepmlf_fast.fileio import KeyedRecords
+from deepmlf_fast.ops.selfcheck import code_digest
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
     "int8": (torch.int8, 127.0),
@@ -27,9 +32,19 @@ FORMATS: dict[str, tuple[torch.dtype, float]] = {
 }
 """Weight format -> (storage dtype, largest magnitude the format holds)."""
 
-CPU_BLOCK_ELEMENTS = 1 << 21
-"""Dense elements per converted block of the forward on CPU (4 MiB in bf16: 512 rows of a
-4096-wide layer); `benchmarks/bench_quant.py --blocks` sweeps it."""
+CPU_BLOCKS: tuple[int | None, ...] = (1 << 21, None)
+"""What `cpu_block_elements` chooses between: dense elements per converted block of the CPU
+forward, a cache-sized block (4 MiB in bf16: 512 rows of a 4096-wide layer; chosen on a 2-core
+AVX-512 EPYC) or None, the whole weight converted at once and one GEMM (1.2-1.9x faster forward at
+Llama-7B's shapes on a 2-core AMX Xeon, whose bf16 GEMM runs on AMX tiles; `benchmarks/bench_quant.py
+--blocks` sweeps sizes)."""
+
+PROBE_SHAPE = (232, 4096, 4096)
+"""(rows, in, out) of the product `cpu_block_elements` times: a MOSEI batch of 4 through one of
+Llama-7B's attention projections."""
+
+_BLOCK_RECORDS = KeyedRecords("weight_only_block")
+_cpu_blocks: dict[tuple[torch.dtype, bool], int | None] = {}  # (dtype, heap kept) -> choice
 
 
 def quantize_rowwise(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +112,9 @@ class _WeightOnlyLinear(torch.autograd.Function):
             if scaled_mm and q.dtype == torch.float8_e4m3fn and not (q.shape[0] % 16 or q.shape[1] % 16):
                 y = _fp8_matmul(x2, q, scale, dtype)
             else:
-                y = _dequantized_matmul(x2, q, scale, dtype)
+                # Off the CPU one dense transient copy is cheap (GPU memory bandwidth): whole.
+                elements = cpu_block_elements(dtype) if device.type == "cpu" else None
+                y = _dequantized_matmul(x2, q, scale, dtype, rows_per_block(*q.shape, elements))
             if bias is not None:
                 y = y.add_(bias.to(dtype))
         ctx.save_for_backward(q, scale)
@@ -116,19 +133,58 @@ class _WeightOnlyLinear(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None
 
 
-def _block(rows: int, row_len: int, device: torch.device) -> int:
-    """Rows per dequantized block: all of them off CPU (GPU memory bandwidth makes one dense
-    transient copy cheap), a cache-sized block on CPU."""
-    if device.type != "cpu":
-        return rows
-    return max(1, min(rows, CPU_BLOCK_ELEMENTS // max(row_len, 1)))
+def cpu_block_elements(dtype: torch.dtype) -> int | None:
+    """The entry of `CPU_BLOCKS` this CPU runs faster for a forward in `dtype`: timed once on
+    `PROBE_SHAPE` (a fraction of a second) and kept in `<cache>/weight_only_block/` under the CPU,
+    its ISA caps, torch, the thread count, the ops' code and whether this process keeps freed
+    memory (`host.keep_freed_memory`, as training runs do: a whole conversion then reuses the
+    heap's pages instead of faulting in fresh ones each call), so every run on a machine converts
+    alike (the conversion is exact either way: blocks change speed, not values). bf16 on a CPU
+    that only emulates it is not timed (seconds of emulated products): the first entry."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return CPU_BLOCKS[0]
+    state = (dtype, freed_memory_kept())
+    if state not in _cpu_blocks:
+        key = f"{cpu_key()} | {dtype} | heap kept {state[1]} | code {code_digest()}"
+        record = _BLOCK_RECORDS.read(key)
+        if record is None or "block" not in record or record["block"] not in CPU_BLOCKS:
+            times = _time_cpu_blocks(dtype)
+            record = {"block": min(times, key=times.get)}
+            _BLOCK_RECORDS.write(key, block=record["block"],
+                                 evidence={str(b): f"{t * 1e3:.2f} ms" for b, t in times.items()})
+        _cpu_blocks[state] = record["block"]
+    return _cpu_blocks[state]
 
 
-def _dequantized_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`x2 (M, K) @ W^T` -> `(M, N)`: the 8-bit values converted block of output rows by block,
-    the row scales applied to the `(M, N)` result (the small side) instead of to the weight."""
+def _time_cpu_blocks(dtype: torch.dtype, repeats: int = 3) -> dict[int | None, float]:
+    """Best-of-`repeats` seconds of `_dequantized_matmul` on `PROBE_SHAPE` for each `CPU_BLOCKS`
+    entry, interleaved (a shared machine drifts)."""
+    rows, k, n = PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale = torch.full((n,), 1e-2)
+    best = {b: float("inf") for b in CPU_BLOCKS}
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for _ in range(repeats):
+            for b in CPU_BLOCKS:
+                t = time.perf_counter()
+                _dequantized_matmul(x, q, scale, dtype, rows_per_block(n, k, b))
+                best[b] = min(best[b], time.perf_counter() - t)
+    return best
+
+
+def rows_per_block(n: int, k: int, elements: int | None) -> int:
+    """Output rows per converted block of an `(n, k)` weight: `elements` dense elements' worth, or
+    all `n` rows (None)."""
+    return n if elements is None else max(1, min(n, elements // max(k, 1)))
+
+
+def _dequantized_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                        c: int) -> torch.Tensor:
+    """`x2 (M, K) @ W^T` -> `(M, N)`: the 8-bit values converted `c` output rows at a time, the
+    row scales applied to the `(M, N)` result (the small side) instead of to the weight."""
     n, k = q.shape
-    c = _block(n, k, x2.device)
     out = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
     buf = torch.empty(c, k, dtype=dtype, device=x2.device)
     for i in range(0, n, c):

@@ -35,7 +35,8 @@ from deepmlf_fast.data.mmsa import MMSASplit, check_data_file
 from deepmlf_fast.data.specs import dataset_spec
 from deepmlf_fast.errors import CheckpointError, ConfigError
 from deepmlf_fast.fileio import cache_dir, check_output, read_json, write_json
-from deepmlf_fast.hardware import DTYPES, keep_freed_memory, resolve_device, resolve_run
+from deepmlf_fast.hardware import DTYPES, resolve_device, resolve_run
+from deepmlf_fast.host import keep_freed_memory
 from deepmlf_fast.metrics import format_metrics, metric_keys
 from deepmlf_fast.model.build import build_deepmlf
 from deepmlf_fast.model.deepmlf import DeepMLF, check_model_config

@@ -51,8 +51,7 @@ def test_product_and_gradients_match_fp64_on_odd_shapes(fmt, dtype, block, monke
     (`block` dense elements per block: 300 splits 53 x 67 into blocks of 4-5 rows / columns,
     the last one short), each within 2x the error of torch's dense product of the same
     dequantized weight in the same dtype."""
-    if block is not None:
-        monkeypatch.setattr(weight_only, "CPU_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(weight_only, "cpu_block_elements", lambda dtype: block)
     torch.manual_seed(0)
     m, k, n = 29, 67, 53
     q, s = quantize_rowwise(torch.randn(n, k), fmt)
@@ -115,3 +114,31 @@ def test_layer_from_linear_and_conv1d_keeps_its_bytes_under_dtype_casts(fmt):
     torch.testing.assert_close(from_conv(x).double(), x.double() @ from_conv.dequantized(torch.float64).t()
                                + conv.bias.double(), rtol=1e-5, atol=1e-5)
     assert _err(from_conv.dequantized().t(), conv.weight.detach().double()) < 5e-2
+
+
+def test_cpu_block_is_measured_once_per_machine_and_heap_policy(tmp_path, monkeypatch):
+    """`cpu_block_elements` takes the faster `CPU_BLOCKS` entry, stores it with its evidence, and a
+    later process reads it instead of timing again; a process that keeps freed memory
+    (`host.keep_freed_memory`, where a whole conversion reuses the heap) is measured apart."""
+    from deepmlf_fast import host
+
+    monkeypatch.setenv("DEEPMLF_CACHE", str(tmp_path))
+    monkeypatch.setattr(weight_only, "_cpu_blocks", {})
+    timings = []
+
+    def fake_times(dtype):
+        timings.append(dtype)
+        return {weight_only.CPU_BLOCKS[0]: 2e-3, None: 1e-3}
+
+    monkeypatch.setattr(weight_only, "_time_cpu_blocks", fake_times)
+    monkeypatch.setattr(host, "_freed_memory_kept", False)
+    assert weight_only.cpu_block_elements(torch.float32) is None and timings == [torch.float32]
+    record = next((tmp_path / "weight_only_block").glob("*.json")).read_text()
+    assert '"block": null' in record and "1.00 ms" in record and "heap kept False" in record
+
+    monkeypatch.setattr(weight_only, "_cpu_blocks", {})  # a new process: the record, no timing
+    assert weight_only.cpu_block_elements(torch.float32) is None and len(timings) == 1
+
+    monkeypatch.setattr(host, "_freed_memory_kept", True)
+    weight_only.cpu_block_elements(torch.float32)
+    assert len(timings) == 2
