@@ -121,11 +121,13 @@ def main(argv=None) -> int:
             if blocks:
                 res = {}
                 chosen = weight_only.cpu_block_elements
-                for b in blocks:
-                    weight_only.cpu_block_elements = lambda dtype, b=b: 1 << b
-                    key = f"int8-weight-only block 2^{b}"
-                    res[key] = measure({"bf16": layers["bf16"], key: layers[key]}, x, args.reps, device)[key]
-                weight_only.cpu_block_elements = chosen
+                try:
+                    for b in blocks:
+                        weight_only.cpu_block_elements = lambda dtype, b=b: 1 << b
+                        key = f"int8-weight-only block 2^{b}"
+                        res[key] = measure({"bf16": layers["bf16"], key: layers[key]}, x, args.reps, device)[key]
+                finally:
+                    weight_only.cpu_block_elements = chosen
                 res.update(measure({m: layers[m] for m in methods}, x, args.reps, device))
             else:
                 res = measure({m: layers[m] for m in methods}, x, args.reps, device)

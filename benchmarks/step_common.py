@@ -223,6 +223,25 @@ def parity_values(provider: str, module, cfg: ModelConfig, batch: StepBatch, pre
     return out
 
 
+def parity_values_fp32(provider: str, module, cfg: ModelConfig, batch: StepBatch) -> dict:
+    """`parity_values` in fp32 on `module` itself: its floating parameters and buffers cast to
+    fp32, then back to their own dtypes (bf16 -> fp32 -> bf16 is exact), so a 7B model needs no
+    second copy of its weights."""
+    params = {name: p.dtype for name, p in module.named_parameters()}
+    buffers = {name: b.dtype for name, b in module.named_buffers()}
+    module.float()
+    try:
+        return parity_values(provider, module, cfg, batch, "fp32")
+    finally:
+        for name, p in module.named_parameters():
+            p.data = p.data.to(params[name])
+        for name, b in module.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = b.to(buffers[name])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def build_provider(provider: str, cfg: ModelConfig, device, attn_implementation: str = "sdpa",
                    precision: str = "fp32"):
     """-> `(module, tokenizer, note)`: deepmlf-fast's DeepMLF, or its official-style twin holding the

@@ -13,8 +13,8 @@ What is measured (after building the model and the batch, and `gc.collect()`):
   work (tokenisation) is part of what it costs.
 * parity: before anything is timed, one deterministic forward + backward (no dropout, no
   SoftPerm) records the loss terms and two gradients, which the test compares across providers;
-  a bf16 configuration also records them in fp32 (on an fp32 copy of the same weights), the
-  reference its bf16 values are judged against;
+  the official side of a bf16 configuration also records them in fp32 (its weights cast to fp32
+  and back), the reference both sides' bf16 values are judged against;
 * FLOPs: deepmlf-fast's exact count of its step (`flops.deepmlf_step_flops`), or for the
   official style what PyTorch counts while one more step runs (`flops.counted_flops`, before
   the timed steps); the achieved FLOP/s over the median step time, next to the measured rate of
@@ -35,7 +35,6 @@ What is measured (after building the model and the batch, and `gc.collect()`):
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import resource
 import sys
@@ -56,6 +55,7 @@ from step_common import (  # noqa: E402
     make_batch,
     make_train_step,
     parity_values,
+    parity_values_fp32,
     proc_status_mb,
     reset_peak_rss,
     write_json,
@@ -87,13 +87,10 @@ def main(argv=None) -> int:
     module.train()
     batch = make_batch(run_cfg, tok, step_cfg.batch, device)
     parity = parity_values(args.provider, module, cfg, batch, step_cfg.precision)
-    # What bf16 parity values are judged against (test_bench_step): the same forward + backward in
-    # fp32, on an fp32 copy of these weights, freed before anything is timed or measured.
-    parity_fp32 = None
-    if step_cfg.precision == "bf16":
-        fp32_copy = copy.deepcopy(module).float()
-        parity_fp32 = parity_values(args.provider, fp32_copy, cfg, batch, "fp32")
-        del fp32_copy
+    # What bf16 parity values are judged against (test_bench_step): the official side's forward +
+    # backward in fp32, on these weights cast to fp32 and back (exact), before anything is timed.
+    parity_fp32 = (parity_values_fp32(args.provider, module, cfg, batch)
+                   if step_cfg.precision == "bf16" and args.provider == "official" else None)
     step = make_train_step(args.provider, module, cfg, batch, precision=step_cfg.precision)
     build_s = time.perf_counter() - t0
     gc.collect()
@@ -108,7 +105,7 @@ def main(argv=None) -> int:
         base_mb = proc_status_mb("VmRSS")
         mem_method = "VmHWM after clear_refs" if reset_peak_rss() and base_mb is not None else "ru_maxrss (upper bound)"
         if args.provider.startswith("ours"):
-            # What deepmlf-fast's trainer sets on a CPU (`hardware.resolve_run`); only now, so
+            # What deepmlf-fast's trainer sets on a CPU (`train.run.Session`); only now, so
             # memory the build freed cannot be reused by training without showing in its peak.
             keep_freed_memory()
 

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from deepmlf_fast.config import PrecisionName, Resolved, RunConfig
-from deepmlf_fast.host import cpu_flags, cpu_key, cpu_name
 from deepmlf_fast.errors import ConfigError, DeepMLFError
 from deepmlf_fast.fileio import cache_dir, read_json, write_json
+from deepmlf_fast.host import cpu_flags, cpu_key, cpu_name
 from deepmlf_fast.ops import autochoice
 from deepmlf_fast.ops.dispatch import resolve_backend, triton_available
 from deepmlf_fast.ops.selfcheck import last_result

@@ -70,8 +70,8 @@ def varlen_attention(
         dropout_p: dropout on attention probabilities (pass 0.0 at evaluation).
         seqused_k: optional `(B,)` int32 number of valid keys per sample (<= its span).
         backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
-        plan_cache: a dict owned by this layout (these `cu_seqlens`, max lengths and `seqused_k`),
-            where the reference path keeps its `PaddingPlan` between calls: a pass through a
+        plan_cache: a dict owned by this layout (these `cu_seqlens`), where the reference path
+            keeps its `PaddingPlan` between calls (not with `seqused_k`): a pass through a
             decoder calls attention once per block on the same layout.
 
     Returns:
@@ -178,13 +178,15 @@ def varlen_attention_reference(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     bsz = cu_seqlens_q.numel() - 1
     group = hq // hkv
-    key = (causal, group, n_q, k.shape[0])
-    plan = None if plan_cache is None else plan_cache.get(key)
+    # What a plan depends on beyond the layout the cache belongs to; `seqused_k` plans are not kept.
+    key = (causal, group, n_q, k.shape[0], max_seqlen_q, max_seqlen_k)
+    cache = plan_cache if seqused_k is None else None
+    plan = None if cache is None else cache.get(key)
     if plan is None:
         plan = padding_plan(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, n_q, k.shape[0],
                             causal=causal, group=group, seqused_k=seqused_k)
-        if plan_cache is not None:
-            plan_cache[key] = plan
+        if cache is not None:
+            cache[key] = plan
 
     qp = q.new_zeros(bsz, max_seqlen_q, hq, d).index_put((plan.b_q, plan.pos_q), q)
     kp = k.new_zeros(bsz, max_seqlen_k, hkv, d).index_put((plan.b_k, plan.pos_k), k)

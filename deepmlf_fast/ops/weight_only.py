@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from deepmlf_fast.host import cpu_key, freed_memory_kept
 from deepmlf_fast.fileio import KeyedRecords
+from deepmlf_fast.host import cpu_key, freed_memory_kept
 from deepmlf_fast.ops.selfcheck import code_digest
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -35,16 +35,17 @@ FORMATS: dict[str, tuple[torch.dtype, float]] = {
 CPU_BLOCKS: tuple[int | None, ...] = (1 << 21, None)
 """What `cpu_block_elements` chooses between: dense elements per converted block of the CPU
 forward, a cache-sized block (4 MiB in bf16: 512 rows of a 4096-wide layer; chosen on a 2-core
-AVX-512 EPYC) or None, the whole weight converted at once and one GEMM (1.2-1.9x faster forward at
-Llama-7B's shapes on a 2-core AMX Xeon, whose bf16 GEMM runs on AMX tiles; `benchmarks/bench_quant.py
---blocks` sweeps sizes)."""
+AVX-512 EPYC) or None, the whole weight converted at once and one GEMM (1.1-1.8x faster forward at
+Llama-7B's shapes on a 2-core AMX Xeon with freed memory kept, whose bf16 GEMM runs on AMX tiles:
+`benchmarks/results/xeon-amx/quant_gemm_cpu_block_sweep.md`; `benchmarks/bench_quant.py --blocks`
+sweeps sizes). Timed with int8 weights, applied to FP8 weights too (the same conversion loop)."""
 
 PROBE_SHAPE = (232, 4096, 4096)
 """(rows, in, out) of the product `cpu_block_elements` times: a MOSEI batch of 4 through one of
 Llama-7B's attention projections."""
 
 _BLOCK_RECORDS = KeyedRecords("weight_only_block")
-_cpu_blocks: dict[tuple[torch.dtype, bool], int | None] = {}  # (dtype, heap kept) -> choice
+_cpu_blocks: dict[tuple[torch.dtype, bool, int], int | None] = {}  # (dtype, heap kept, threads) -> choice
 
 
 def quantize_rowwise(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +144,7 @@ def cpu_block_elements(dtype: torch.dtype) -> int | None:
     that only emulates it is not timed (seconds of emulated products): the first entry."""
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return CPU_BLOCKS[0]
-    state = (dtype, freed_memory_kept())
+    state = (dtype, freed_memory_kept(), torch.get_num_threads())
     if state not in _cpu_blocks:
         key = f"{cpu_key()} | {dtype} | heap kept {state[1]} | code {code_digest()}"
         record = _BLOCK_RECORDS.read(key)
