@@ -140,7 +140,7 @@ def cpu_block_elements(dtype: torch.dtype) -> int | None:
     its ISA caps, torch, the thread count, the ops' code and whether this process keeps freed
     memory (`host.keep_freed_memory`, as training runs do: a whole conversion then reuses the
     heap's pages instead of faulting in fresh ones each call), so every run on a machine converts
-    alike (the conversion is exact either way: blocks change speed, not values). bf16 on a CPU
+    alike (the conversion is exact either way; the GEMM's rounding order is the library's). bf16 on a CPU
     that only emulates it is not timed (seconds of emulated products): the first entry."""
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return CPU_BLOCKS[0]
