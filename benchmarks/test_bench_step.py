@@ -121,8 +121,9 @@ def _assert_same_step(ours: dict, official: dict, fp32: dict | None, precision: 
     machine and fails on the next. Ours must land no further from fp32 than 3x the official
     side (FlashAttention's error-ratio criterion, as the kernel tests use), plus 4 bf16 unit
     roundoffs (2^-8 each) of the value's scale for values the official side happens to round
-    almost exactly (one scalar loss). The fusion tokens' gradient is left out in bf16: it is not a property of either
-    implementation there (both sides' L1 terms change sign under bf16 rounding). Measured on
+    almost exactly (one scalar loss). The fusion tokens' gradient is left out in bf16: it is not
+    a property of either implementation there (both sides' L1 terms change sign under bf16
+    rounding). Measured on
     SmolLM2-135M B16, the relative errors from fp32, ours / official: AMX 0.09 / 1.24 (fusion
     tokens), 0.09 / 0.06 (query projection); the same Xeon capped to AVX512-BF16 1.36 / 0.26 and
     0.07 / 0.04; on an AVX512-BF16 EPYC (earlier code, relative Frobenius error) 1.29 / 0.32 for

@@ -140,21 +140,24 @@ def cpu_block_elements(dtype: torch.dtype) -> int | None:
     its ISA caps, torch, the thread count, the ops' code and whether this process keeps freed
     memory (`host.keep_freed_memory`, as training runs do: a whole conversion then reuses the
     heap's pages instead of faulting in fresh ones each call), so every run on a machine converts
-    alike (the conversion is exact either way; the GEMM's rounding order is the library's). bf16 on a CPU
-    that only emulates it is not timed (seconds of emulated products): the first entry."""
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return CPU_BLOCKS[0]
+    alike (the conversion is exact either way; the GEMM's rounding order is the library's).
+    bf16 on a CPU that only emulates it is not timed (seconds of emulated products): the first
+    entry. Asked by every CPU forward, so after the first call it is one dictionary lookup."""
     state = (dtype, freed_memory_kept(), torch.get_num_threads())
-    if state not in _cpu_blocks:
-        key = f"{cpu_key()} | {dtype} | heap kept {state[1]} | code {code_digest()}"
-        record = _BLOCK_RECORDS.read(key)
-        if record is None or "block" not in record or record["block"] not in CPU_BLOCKS:
-            times = _time_cpu_blocks(dtype)
-            record = {"block": min(times, key=times.get)}
-            _BLOCK_RECORDS.write(key, block=record["block"],
-                                 evidence={str(b): f"{t * 1e3:.2f} ms" for b, t in times.items()})
-        _cpu_blocks[state] = record["block"]
-    return _cpu_blocks[state]
+    if state in _cpu_blocks:
+        return _cpu_blocks[state]
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        _cpu_blocks[state] = CPU_BLOCKS[0]
+        return CPU_BLOCKS[0]
+    key = f"{cpu_key()} | {dtype} | heap kept {state[1]} | code {code_digest()}"
+    record = _BLOCK_RECORDS.read(key)
+    if record is None or "block" not in record or record["block"] not in CPU_BLOCKS:
+        times = _time_cpu_blocks(dtype)
+        record = {"block": min(times, key=times.get)}
+        _BLOCK_RECORDS.write(key, block=record["block"],
+                             evidence={str(b): f"{t * 1e3:.2f} ms" for b, t in times.items()})
+    _cpu_blocks[state] = record["block"]
+    return record["block"]
 
 
 def _time_cpu_blocks(dtype: torch.dtype, repeats: int = 3) -> dict[int | None, float]:
