@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("int8-weight-only", "fp8", "llm-int8", "nf4")
+METHODS = ("int8-dynamic", "int8-weight-only", "fp8", "llm-int8", "nf4")
 TRAIN = ["--dataset", "mosei", "--backbone", "llama-7b", "--random-init", "--precision", "bf16",
          "--mm-layers", "15,31", "--batch-size", "4", "--epochs", "1", "--no-pretrain", "--seeds", "1"]
 

@@ -32,7 +32,7 @@ SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 """(in, out) of Llama-7B's decoder linears."""
 ROWS = (232, 928)
 """Packed rows of a MOSEI batch of 4 and of 16 (50 transcript tokens + 8 fusion tokens each)."""
-METHODS = ("bf16", "llm-int8", "nf4", "int8-weight-only", "fp8")
+METHODS = ("bf16", "llm-int8", "nf4", "int8-weight-only", "fp8", "int8-dynamic")
 
 
 def _block_words(elements: int | None) -> str:

@@ -34,7 +34,7 @@ from deepmlf_fast.ops.gate import GATES
 GateKind = Literal[GATES]
 AttentionBackend = Literal[BACKENDS]
 PrecisionName = Literal["fp32", "bf16"]
-QuantName = Literal["none", "llm-int8", "nf4", "int8-weight-only", "fp8"]
+QuantName = Literal["none", "llm-int8", "nf4", "int8-weight-only", "fp8", "int8-dynamic"]
 """`--quant` methods for the frozen backbone's decoder linears (`backbones.quantize`)."""
 
 

@@ -162,7 +162,7 @@ def estimate_memory(
     gpu: list[Line] = []
     host: list[Line] = []
     quant = backbone_dtype if m.quant == "none" else m.quant
-    if m.quant in ("llm-int8", "int8-weight-only", "fp8"):
+    if m.quant in ("llm-int8", "int8-weight-only", "fp8", "int8-dynamic"):
         qbytes = counts.quantizable + 4 * counts.quantizable_rows
         qhow = f"{'int8' if m.quant != 'fp8' else 'e4m3'} weights + one float32 scale per row"
     elif m.quant == "nf4":
@@ -198,7 +198,7 @@ def estimate_memory(
 
     gpu.extend(_activations(cfg, c, o.batch_size, text_tokens or m.text.max_tokens, act, mm_act))
     lin = {"none": "dense", "llm-int8": "LLM.int8", "nf4": "NF4", "int8-weight-only": "int8 weight-only",
-           "fp8": "FP8 weight-only"}[m.quant]
+           "fp8": "FP8 weight-only", "int8-dynamic": "int8 dynamic"}[m.quant]
     assumptions = [
         f"{world} GPU{'s' * (world > 1)}, DeepSpeed ZeRO-{stage}{' with CPU optimizer offload' if offload else ''}; "
         f"the frozen backbone is never handed to ZeRO, so it is replicated at every stage",

@@ -6,6 +6,7 @@
 | `nf4` | 4-bit NormalFloat, double-quantized block absmax | bitsandbytes `Linear4bit` | QLoRA |
 | `int8-weight-only` | int8 + fp32 row scale | dense GEMM on dequantized blocks | `layers.WeightOnlyLinear` |
 | `fp8` | e4m3 + fp32 row scale | FP8 GEMM (CUDA sm_90+), else as above | `layers.WeightOnlyLinear` |
+| `int8-dynamic` | int8 + fp32 row scale | activations int8 per row, int8 GEMM; outlier columns in 16-bit | `layers.Int8DynamicLinear` |
 
 Checkpoints loaded with a bitsandbytes method are quantized while loading, through
 transformers' `BitsAndBytesConfig`; every other build (random weights, the weight-only
@@ -24,10 +25,8 @@ import torch.nn as nn
 
 from deepmlf_fast.config import choices
 from deepmlf_fast.errors import BackboneError
-from deepmlf_fast.layers.weight_only import WeightOnlyLinear
+from deepmlf_fast.layers.weight_only import Int8DynamicLinear, WeightOnlyLinear
 
-WEIGHT_ONLY = {"int8-weight-only": "int8", "fp8": "fp8"}
-"""`--quant` method (`config.QuantName`) -> `WeightOnlyLinear` format."""
 WHOLE_WEIGHT_COPIES = ("llm-int8", "nf4")
 """Methods whose CPU training products make a dense copy of each whole weight per call
 (bitsandbytes' `MatMul8bitFp` and 4-bit path: 33-90 MB per linear at 7B). With freed memory kept
@@ -39,10 +38,23 @@ freed memory to the kernel (`train.run.Session`): a 7B run must fit the machine 
 
 @dataclass(frozen=True)
 class WeightOnlyConfig:
-    """A weight-only method: `fmt` of `ops.weight_only.FORMATS`, modules left dense by name."""
+    """A method of this package's own 8-bit layers (no bitsandbytes): `fmt` of
+    `ops.weight_only.FORMATS`, `dynamic` for activations quantized per row too
+    (`Int8DynamicLinear`), modules left dense by name."""
 
     fmt: str
+    dynamic: bool = False
     skip_modules: tuple[str, ...] = ()
+
+    @property
+    def layer(self) -> type[WeightOnlyLinear]:
+        """The layer class this method builds."""
+        return Int8DynamicLinear if self.dynamic else WeightOnlyLinear
+
+
+WEIGHT_ONLY = {"int8-weight-only": WeightOnlyConfig("int8"), "fp8": WeightOnlyConfig("fp8"),
+               "int8-dynamic": WeightOnlyConfig("int8", dynamic=True)}
+"""`--quant` method (`config.QuantName`) -> its configuration, for the methods built here."""
 
 
 def quantization_config(method: str, dtype: torch.dtype):
@@ -54,14 +66,14 @@ def quantization_config(method: str, dtype: torch.dtype):
     if method == "none":
         return None
     if method in WEIGHT_ONLY:
-        return WeightOnlyConfig(WEIGHT_ONLY[method])
+        return WEIGHT_ONLY[method]
     try:
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise BackboneError(
             f"model.quant: {method!r} needs bitsandbytes (pip install 'deepmlf-fast[quant]'); "
-            f"'int8-weight-only' and 'fp8' need nothing beyond torch"
+            f"{', '.join(repr(m) for m in WEIGHT_ONLY)} need nothing beyond torch"
         ) from None
     if method == "llm-int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -85,7 +97,7 @@ def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.d
         prepared: `prepare_weight_only`'s empty layers for these linears, to fill instead of
             allocating new ones.
     Returns:
-        `model`, with `WeightOnlyLinear`, `Linear8bitLt` (LLM.int8: int8 weights, fp32 row
+        `model`, with `WeightOnlyLinear` / `Int8DynamicLinear`, `Linear8bitLt` (LLM.int8: int8 weights, fp32 row
         scales, outlier threshold `llm_int8_threshold`) or `Linear4bit` (NF4/FP4, block size 64,
         optional double quantization, `bnb_4bit_quant_storage` element type) layers. Frozen.
     """
@@ -105,7 +117,7 @@ def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.d
 
 
 def prepare_weight_only(module: nn.Module, quant_config: WeightOnlyConfig, device: torch.device) -> dict[str, nn.Module]:
-    """Empty `WeightOnlyLinear`s, allocated now on `device`, for the linears `quantize_linear_layers`
+    """Empty `WeightOnlyLinear`s (or `Int8DynamicLinear`s), allocated now on `device`, for the linears `quantize_linear_layers`
     would replace in `module` (which may still be on the meta device): `{name: layer}`.
 
     Allocating a layer's 8-bit storage before its dense weights keeps the heap from fragmenting
@@ -113,7 +125,7 @@ def prepare_weight_only(module: nn.Module, quant_config: WeightOnlyConfig, devic
     space, freed, is reused whole by the next one (glibc keeps freed memory once
     `host.keep_freed_memory` ran; without this order the build's peak crept up by a layer
     every ten or so)."""
-    return {name: WeightOnlyLinear.empty_like(module.get_submodule(name), quant_config.fmt, device)
+    return {name: quant_config.layer.empty_like(module.get_submodule(name), quant_config.fmt, device)
             for name in _quantizable(module, set(quant_config.skip_modules), None)}
 
 
@@ -131,7 +143,7 @@ def _skipped(name: str, skip: set[str]) -> bool:
 
 def _quantized(module: nn.Module, quant_config, device: torch.device) -> nn.Module:
     if isinstance(quant_config, WeightOnlyConfig):
-        return WeightOnlyLinear.empty_like(module, quant_config.fmt, device).quantize_from(module)
+        return quant_config.layer.empty_like(module, quant_config.fmt, device).quantize_from(module)
     import bitsandbytes as bnb
 
     weight = module.weight.detach()

@@ -1,13 +1,13 @@
-"""`WeightOnlyLinear`: the `nn.Module` of the `int8-weight-only` and `fp8` methods
-(`backbones.quantize`), a thin wrapper of `ops.weight_only`."""
+"""`WeightOnlyLinear` (the `int8-weight-only` and `fp8` methods of `backbones.quantize`) and
+`Int8DynamicLinear` (`int8-dynamic`): thin `nn.Module` wrappers of `ops.weight_only`."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.ops.weight_only import FORMATS, dequantize_rowwise, quantize_rowwise, scaled_mm_supported, \
-    weight_only_linear
+from deepmlf_fast.ops.weight_only import FORMATS, INT8_OUTLIER_THRESHOLD, dequantize_rowwise, int8_dynamic_linear, \
+    quantize_rowwise, scaled_mm_supported, weight_only_linear
 
 
 class WeightOnlyLinear(nn.Module):
@@ -72,3 +72,22 @@ class WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"fmt={self.fmt}"
+
+
+class Int8DynamicLinear(WeightOnlyLinear):
+    """A `WeightOnlyLinear` of int8 weights (the same buffers and state dict) whose product quantizes
+    the activations per row too and runs an int8 GEMM: `ops.weight_only.int8_dynamic_linear`, with
+    input columns beyond `threshold` in the compute dtype (LLM.int8's outlier decomposition)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int8",
+                 device: torch.device | str | None = None, threshold: float = INT8_OUTLIER_THRESHOLD):
+        if fmt != "int8":
+            raise ValueError(f"fmt: Int8DynamicLinear multiplies int8 weights, expected 'int8', found {fmt!r}")
+        super().__init__(in_features, out_features, bias=bias, fmt=fmt, device=device)
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_dynamic_linear(x, self.qweight, self.weight_scale, self.bias, threshold=self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activations=int8 per row, threshold={self.threshold}"

@@ -1,18 +1,26 @@
-"""Weight-only 8-bit linear layers for a frozen backbone: int8 or FP8 (e4m3) weights with one
-float32 scale per output row, activations in the compute dtype (bf16/fp32).
+"""8-bit linear layers for a frozen backbone: int8 or FP8 (e4m3) weights with one float32 scale
+per output row.
 
-The product is `y = (x @ Q^T) diag(s) + b`: the 8-bit values are converted to the compute dtype
-(exactly) and multiplied with the device's dense GEMM, the scales applied to the small side.
-That is the fastest 8-bit product measured on CPU (`benchmarks/results/quant_gemm_cpu.md`): at the
-7B shapes on a 2-core EPYC it takes 1.04-1.15x the bf16 GEMM's time, where ATen's
+Weight-only (`weight_only_linear`): activations stay in the compute dtype (bf16/fp32). The
+product is `y = (x @ Q^T) diag(s) + b`: the 8-bit values are converted to the compute dtype
+(exactly) and multiplied with the device's dense GEMM, the scales applied to the small side. On
+a 2-core EPYC at the 7B shapes it takes 1.04-1.15x the bf16 GEMM's time, where ATen's
 `_weight_int8pack_mm` took 2.7x, `_scaled_mm` with FP8 4.5x and bitsandbytes' LLM.int8
-1.15-1.7x. On CPU the forward converts the weight in blocks of output rows that stay in cache,
-or whole, whichever this CPU runs faster (`cpu_block_elements`, measured once per machine); FP8
-on a CUDA device with rowwise `_scaled_mm` (sm_90 and newer) runs as an FP8 GEMM instead, the
-activation quantized per row on the fly.
+1.15-1.7x (`benchmarks/results/quant_gemm_cpu.md`). On CPU the forward converts the weight in
+blocks of output rows that stay in cache, or whole, whichever this CPU runs faster
+(`cpu_block_elements`, measured once per machine); FP8 on a CUDA device with rowwise
+`_scaled_mm` (sm_90 and newer) runs as an FP8 GEMM instead, the activation quantized per row on
+the fly.
+
+Dynamic int8 (`int8_dynamic_linear`): the activations too are quantized per row to int8 on the
+fly and the product is an int8 GEMM with exact int32 sums (`torch._int_mm`: oneDNN's AMX-INT8 /
+VNNI kernels on CPU, cuBLASLt IMMA on CUDA), LLM.int8's algorithm (vector-wise scales, input
+columns holding an outlier beyond a threshold multiplied in 16-bit) with no dequantized copy of
+the weight. The backward quantizes the output gradient per row the same way. On a 2-core AMX
+Xeon at the 7B shapes it takes about bf16's time (`benchmarks/results/xeon-amx/`).
 
 The weights are frozen: backward computes the input's gradient (and the bias's, when it
-requires one) with a transient dense copy of the layer, never a weight gradient.
+requires one), never a weight gradient.
 """
 
 from __future__ import annotations
@@ -87,6 +95,19 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+INT8_OUTLIER_THRESHOLD = 6.0
+"""Magnitude beyond which an input column of `int8_dynamic_linear` counts as an outlier and is
+multiplied in the compute dtype: LLM.int8's default (bitsandbytes' `llm_int8_threshold`). Large
+models' hidden states carry a few feature dimensions of such magnitude; quantized with the rest
+of their row they would take the other features' precision."""
+
+
+def int_mm_supported(rows: int, k: int, n: int, device: torch.device) -> bool:
+    """Whether `torch._int_mm` multiplies `(rows, k) @ (k, n)` int8 matrices on `device`: any shape
+    on CPU; on CUDA more than 16 rows and `k`, `n` multiples of 8 (cuBLASLt's int8 layouts)."""
+    return device.type == "cpu" or (device.type == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0)
+
+
 def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                        *, scaled_mm: bool = False) -> torch.Tensor:
     """`x (..., K) @ (diag(scale) q)^T + bias` -> `(..., N)` in the compute dtype (autocast's
@@ -100,38 +121,72 @@ def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
         scaled_mm: FP8 only: quantize `x` per row to e4m3 and run `torch._scaled_mm` with
             rowwise scales (`scaled_mm_supported`); else the dequantized product.
     """
-    return _WeightOnlyLinear.apply(x, q, scale, bias, scaled_mm)
+    return _EightBitLinear.apply(x, q, scale, bias, scaled_mm, None)
 
 
-class _WeightOnlyLinear(torch.autograd.Function):
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                        *, threshold: float = INT8_OUTLIER_THRESHOLD) -> torch.Tensor:
+    """`x (..., K) @ (diag(scale) q)^T + bias` -> `(..., N)` in the compute dtype, as an int8 GEMM:
+    each row of `x` quantized to int8 with its own scale (largest magnitude -> 127, round to
+    nearest), int32 sums, both scales applied to the float32 result. Backward quantizes each row of
+    `grad (..., N) diag(scale)` the same way and multiplies it with `q`: the input's gradient
+    carries the same kind of rounding as the output.
+
+    Args:
+        x: activations `(..., K)`.
+        q: frozen int8 weight `(N, K)` from `quantize_rowwise(w, "int8")`.
+        scale: `(N,)` float32 row scales.
+        bias: `(N,)` or None.
+        threshold: input columns holding a magnitude above it are left out of the int8 product and
+            multiplied in the compute dtype against their dequantized weight columns (LLM.int8's
+            decomposition; finding them costs one reduction over `x`, and a host sync on CUDA);
+            0 turns it off.
+    Where `torch._int_mm` does not take the shape (`int_mm_supported`), the weight-only product.
+    """
+    if not threshold >= 0:
+        raise ValueError(f"threshold: expected a magnitude >= 0, found {threshold!r}")
+    return _EightBitLinear.apply(x, q, scale, bias, False, float(threshold))
+
+
+class _EightBitLinear(torch.autograd.Function):
+    """Both products; `threshold` None is weight-only, a number the dynamic int8 product."""
+
     @staticmethod
-    def forward(ctx, x, q, scale, bias, scaled_mm):
+    def forward(ctx, x, q, scale, bias, scaled_mm, threshold):
         device = x.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        n, k = q.shape
         with torch.autocast(device.type, enabled=False):
-            if scaled_mm and q.dtype == torch.float8_e4m3fn and not (q.shape[0] % 16 or q.shape[1] % 16):
+            if threshold is not None and int_mm_supported(x2.shape[0], k, n, device):
+                y = _int8_matmul(x2, q, scale, dtype, threshold)
+            elif scaled_mm and q.dtype == torch.float8_e4m3fn and not (n % 16 or k % 16):
                 y = _fp8_matmul(x2, q, scale, dtype)
             else:
                 # Off the CPU one dense transient copy is cheap (GPU memory bandwidth): whole.
                 elements = cpu_block_elements(dtype) if device.type == "cpu" else None
-                y = _dequantized_matmul(x2, q, scale, dtype, rows_per_block(*q.shape, elements))
+                y = _dequantized_matmul(x2, q, scale, dtype, rows_per_block(n, k, elements))
             if bias is not None:
                 y = y.add_(bias.to(dtype))
         ctx.save_for_backward(q, scale)
-        ctx.x_shape, ctx.dtype = x.shape, x.dtype
-        return y.reshape(*x.shape[:-1], q.shape[0])
+        ctx.x_shape, ctx.dtype, ctx.dynamic = x.shape, x.dtype, threshold is not None
+        return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, grad):
         q, scale = ctx.saved_tensors
-        g2 = grad.reshape(-1, q.shape[0])
+        n, k = q.shape
+        g2 = grad.reshape(-1, n)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _dequantized_matmul_t(g2, q, scale, g2.dtype).reshape(ctx.x_shape).to(ctx.dtype)
+            if ctx.dynamic and int_mm_supported(g2.shape[0], n, k, g2.device):
+                grad_x = _int8_matmul_t(g2, q, scale, g2.dtype)
+            else:
+                grad_x = _dequantized_matmul_t(g2, q, scale, g2.dtype)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = g2.float().sum(0)
-        return grad_x, None, None, grad_bias, None
+        return grad_x, None, None, grad_bias, None, None
 
 
 def cpu_block_elements(dtype: torch.dtype) -> int | None:
@@ -216,3 +271,36 @@ def _fp8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: t
     xs = xf.abs().amax(dim=1, keepdim=True).div_(qmax).clamp_min_(torch.finfo(torch.float32).tiny)
     x8 = (xf / xs).to(torch.float8_e4m3fn)
     return torch._scaled_mm(x8, q.t(), scale_a=xs, scale_b=scale[None, :].float(), out_dtype=dtype)
+
+
+def _quantize_rows_(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a (M, K)` float32, overwritten -> `(q (M, K) int8, scale (M, 1) float32)` with `a ~= scale * q`:
+    each row's largest magnitude maps to 127, the float32 quotient rounded to nearest (so |q| <= 127)."""
+    scale = a.abs().amax(dim=1, keepdim=True).div_(127.0).clamp_min_(torch.finfo(torch.float32).tiny)
+    return a.div_(scale).round_().to(torch.int8), scale
+
+
+def _int8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 threshold: float) -> torch.Tensor:
+    """`x2 (M, K) @ W^T` -> `(M, N)`: x quantized per row, an int8 GEMM, outlier columns (any
+    magnitude above `threshold` > 0) multiplied apart in `dtype`."""
+    outliers = None
+    if threshold > 0:
+        lo, hi = torch.aminmax(x2, dim=0)  # one pass, no |x| temporary
+        cols = torch.logical_or(hi > threshold, lo < -threshold).nonzero().squeeze(1)
+        if cols.numel():
+            outliers = x2[:, cols] @ dequantize_rowwise(q[:, cols], scale, dtype).t()
+            x2 = x2.index_fill(1, cols, 0)
+    xq, xs = _quantize_rows_(x2.to(torch.float32, copy=True))
+    # Scaled in float32 (int32 sums can exceed bf16's 8 significant bits), one rounding to dtype.
+    y = torch._int_mm(xq, q.t()).to(torch.float32).mul_(xs).mul_(scale)
+    if outliers is not None:
+        y = y.add_(outliers.to(torch.float32))  # same dtypes: ATen's fast in-place path
+    return y.to(dtype)
+
+
+def _int8_matmul_t(g2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`g2 (M, N) @ W` = `(g2 diag(scale)) @ q` -> `(M, K)`, the scaled gradient quantized per row,
+    an int8 GEMM against `q` as stored (no transposed copy)."""
+    gq, gs = _quantize_rows_(g2.to(torch.float32, copy=True).mul_(scale))
+    return torch._int_mm(gq, q).to(torch.float32).mul_(gs).to(dtype)

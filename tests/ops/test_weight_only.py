@@ -1,5 +1,6 @@
-"""`ops.weight_only` / `layers.WeightOnlyLinear`: row-wise int8 and FP8 weights, products and
-input gradients against an fp64 reference of the same dequantized weight."""
+"""`ops.weight_only` / `layers.WeightOnlyLinear`, `layers.Int8DynamicLinear`: row-wise int8 and FP8
+weights, products and input gradients against an fp64 reference of the same dequantized weight
+(weight-only) or of the same int8 rows (dynamic int8)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.layers.weight_only import WeightOnlyLinear
+from deepmlf_fast.layers.weight_only import Int8DynamicLinear, WeightOnlyLinear
 from deepmlf_fast.ops import weight_only
-from deepmlf_fast.ops.weight_only import dequantize_rowwise, quantize_rowwise, weight_only_linear
+from deepmlf_fast.ops.weight_only import dequantize_rowwise, int8_dynamic_linear, quantize_rowwise, weight_only_linear
 
 
 def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -142,3 +143,75 @@ def test_cpu_block_is_measured_once_per_machine_and_heap_policy(tmp_path, monkey
     monkeypatch.setattr(host, "_freed_memory_kept", True)
     weight_only.cpu_block_elements(torch.float32)
     assert len(timings) == 2
+
+
+def _int8_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic product's activation rounding, written out: per-row scale amax / 127 in float32,
+    the float32 quotient rounded to nearest -> (integers as float64, scales as float64)."""
+    a32 = a.detach().float()
+    sc = a32.abs().max(dim=1, keepdim=True).values / 127
+    return torch.round(a32 / sc).double(), sc.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_int8_dynamic_is_the_exact_sum_of_int8_rows_with_outlier_columns_apart(dtype, threshold):
+    """Forward: every row of x quantized to int8 (amax -> 127), summed exactly against the int8
+    weight, both scales applied; columns holding a magnitude above `threshold` multiplied in fp64
+    terms against the dequantized weight instead. Backward: each row of `grad diag(scale)`
+    quantized alike, times q. Odd shapes, a 3-D input, a bias; fp64 references throughout."""
+    torch.manual_seed(3)
+    m, k, n = 29, 67, 53
+    q, s = quantize_rowwise(torch.randn(n, k), "int8")
+    w64 = dequantize_rowwise(q, s, torch.float64)
+    x = torch.randn(2, m, k).to(dtype)
+    x[0, 4, 7], x[1, 9, 30] = 40.0, -30.0  # two outlier columns (7 and 30) of the flattened rows
+    x.requires_grad_()
+    bias = torch.randn(n, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, m, n, dtype=dtype)
+    y = int8_dynamic_linear(x, q, s, bias, threshold=threshold)
+    y.backward(g)
+    assert y.dtype == dtype and y.shape == (2, m, n) and x.grad.dtype == dtype
+
+    x2 = x.detach().reshape(-1, k).double()
+    cols = torch.tensor([7, 30]) if threshold else torch.tensor([], dtype=torch.long)
+    inlier = x2.clone()
+    inlier[:, cols] = 0
+    xq, xs = _int8_rows(inlier)
+    y_ref = (xq @ q.double().t()) * xs * s.double() + x2[:, cols] @ w64[:, cols].t() + bias.detach().double()
+    gq, gs = _int8_rows(g.reshape(-1, n).float() * s)
+    gx_ref = (gq @ q.double()) * gs
+    unit = 1e-6 if dtype == torch.float32 else 2**-7  # the result's one rounding to dtype (and bf16's outlier GEMM)
+    assert _err(y.reshape(-1, n), y_ref) < unit
+    assert _err(x.grad.reshape(-1, k), gx_ref) < unit
+    assert _err(bias.grad, g.double().sum((0, 1))) < unit
+
+    # Against the exact product of the dequantized weight: int8 rows cost about 1%; the two
+    # outlier rows keep their other features' precision only with the decomposition.
+    exact = x2 @ w64.t() + bias.detach().double()
+    assert _err(y.reshape(-1, n), exact) < 0.02
+    rows = torch.tensor([4, m + 9])
+    with torch.no_grad():
+        other = int8_dynamic_linear(x, q, s, bias, threshold=6.0 - threshold).reshape(-1, n)
+    mixed, plain = (y.reshape(-1, n), other) if threshold else (other, y.reshape(-1, n))
+    assert _err(mixed[rows], exact[rows]) * 4 < _err(plain[rows], exact[rows])
+
+
+def test_int8_dynamic_under_autocast_and_its_layer():
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 48)
+    layer = Int8DynamicLinear.from_linear(lin)
+    plain = WeightOnlyLinear.from_linear(lin, "int8")
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), plain.state_dict().values()))
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(33, 64)
+    torch.testing.assert_close(layer(x), int8_dynamic_linear(x, layer.qweight, layer.weight_scale, layer.bias),
+                               rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert _err(y, x.double() @ plain.dequantized(torch.float64).t() + lin.bias.double()) < 2e-2
+    with pytest.raises(ValueError, match="fmt: Int8DynamicLinear multiplies int8 weights, expected 'int8', found 'fp8'"):
+        Int8DynamicLinear(64, 48, fmt="fp8")
+    with pytest.raises(ValueError, match="threshold: expected a magnitude >= 0, found -1.0"):
+        int8_dynamic_linear(x, layer.qweight, layer.weight_scale, threshold=-1.0)
