@@ -139,8 +139,8 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
         bias: `(N,)` or None.
         threshold: input columns holding a magnitude above it are left out of the int8 product and
             multiplied in the compute dtype against their dequantized weight columns (LLM.int8's
-            decomposition; finding them costs one reduction over `x`, and a host sync on CUDA);
-            0 turns it off.
+            decomposition; found from the rows' maxima, which the quantization computes anyway:
+            one host sync on CUDA); 0 turns it off.
     Where `torch._int_mm` does not take the shape (`int_mm_supported`), the weight-only product.
     """
     if not threshold >= 0:
@@ -273,28 +273,33 @@ def _fp8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: t
     return torch._scaled_mm(x8, q.t(), scale_a=xs, scale_b=scale[None, :].float(), out_dtype=dtype)
 
 
-def _quantize_rows_(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`a (M, K)` float32, overwritten -> `(q (M, K) int8, scale (M, 1) float32)` with `a ~= scale * q`:
-    each row's largest magnitude maps to 127, the float32 quotient rounded to nearest (so |q| <= 127)."""
-    scale = a.abs().amax(dim=1, keepdim=True).div_(127.0).clamp_min_(torch.finfo(torch.float32).tiny)
-    return a.div_(scale).round_().to(torch.int8), scale
+def _quantize_rows_(a: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`a (M, K)` float32, overwritten -> `(q (M, K) int8, scale (M, 1) float32, cols (C,) int64)` with
+    `a ~= scale * q` outside `cols`: each row's largest magnitude maps to 127, the float32 quotient
+    rounded to nearest (|q| <= 127). `cols` are the columns holding a magnitude above `threshold`
+    (> 0), zeroed in `q` and left out of the scales; found from the row maxima, so a matrix
+    without one pays nothing more (one host sync on CUDA)."""
+    mag = a.abs()
+    amax = mag.amax(dim=1, keepdim=True)
+    cols = torch.empty(0, dtype=torch.long, device=a.device)
+    if threshold > 0 and bool((amax > threshold).any()):
+        hot = (amax.squeeze(1) > threshold).nonzero().squeeze(1)
+        cols = (mag[hot].amax(dim=0) > threshold).nonzero().squeeze(1)
+        a.index_fill_(1, cols, 0.0)
+        amax = mag.index_fill_(1, cols, 0.0).amax(dim=1, keepdim=True)
+    scale = amax.div_(127.0).clamp_min_(torch.finfo(torch.float32).tiny)
+    return a.div_(scale).round_().to(torch.int8), scale, cols
 
 
 def _int8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  threshold: float) -> torch.Tensor:
     """`x2 (M, K) @ W^T` -> `(M, N)`: x quantized per row, an int8 GEMM, outlier columns (any
     magnitude above `threshold` > 0) multiplied apart in `dtype`."""
-    outliers = None
-    if threshold > 0:
-        lo, hi = torch.aminmax(x2, dim=0)  # one pass, no |x| temporary
-        cols = torch.logical_or(hi > threshold, lo < -threshold).nonzero().squeeze(1)
-        if cols.numel():
-            outliers = x2[:, cols] @ dequantize_rowwise(q[:, cols], scale, dtype).t()
-            x2 = x2.index_fill(1, cols, 0)
-    xq, xs = _quantize_rows_(x2.to(torch.float32, copy=True))
+    xq, xs, cols = _quantize_rows_(x2.to(torch.float32, copy=True), threshold)
     # Scaled in float32 (int32 sums can exceed bf16's 8 significant bits), one rounding to dtype.
     y = torch._int_mm(xq, q.t()).to(torch.float32).mul_(xs).mul_(scale)
-    if outliers is not None:
+    if cols.numel():
+        outliers = x2[:, cols] @ dequantize_rowwise(q[:, cols], scale, dtype).t()
         y = y.add_(outliers.to(torch.float32))  # same dtypes: ATen's fast in-place path
     return y.to(dtype)
 
@@ -302,5 +307,5 @@ def _int8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: 
 def _int8_matmul_t(g2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`g2 (M, N) @ W` = `(g2 diag(scale)) @ q` -> `(M, K)`, the scaled gradient quantized per row,
     an int8 GEMM against `q` as stored (no transposed copy)."""
-    gq, gs = _quantize_rows_(g2.to(torch.float32, copy=True).mul_(scale))
+    gq, gs, _ = _quantize_rows_(g2.to(torch.float32, copy=True).mul_(scale))
     return torch._int_mm(gq, q).to(torch.float32).mul_(gs).to(dtype)
