@@ -6,7 +6,7 @@
 | `nf4` | 4-bit NormalFloat, double-quantized block absmax | bitsandbytes `Linear4bit` | QLoRA |
 | `int8-weight-only` | int8 + fp32 row scale | dense GEMM on dequantized blocks | `layers.WeightOnlyLinear` |
 | `fp8` | e4m3 + fp32 row scale | FP8 GEMM (CUDA sm_90+), else as above | `layers.WeightOnlyLinear` |
-| `int8-dynamic` | int8 + fp32 row scale | activations int8 per row, int8 GEMM; outlier columns in 16-bit | `layers.Int8DynamicLinear` |
+| `int8-dynamic` | int8 + fp32 row scale | activations int8 per row, int8 GEMM (int32 sums) | `layers.Int8DynamicLinear` |
 
 Checkpoints loaded with a bitsandbytes method are quantized while loading, through
 transformers' `BitsAndBytesConfig`; every other build (random weights, the weight-only

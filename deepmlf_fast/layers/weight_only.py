@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from deepmlf_fast.ops.weight_only import FORMATS, INT8_OUTLIER_THRESHOLD, dequantize_rowwise, int8_dynamic_linear, \
+from deepmlf_fast.ops.weight_only import FORMATS, dequantize_rowwise, int8_dynamic_linear, \
     quantize_rowwise, scaled_mm_supported, weight_only_linear
 
 
@@ -76,11 +76,12 @@ class WeightOnlyLinear(nn.Module):
 
 class Int8DynamicLinear(WeightOnlyLinear):
     """A `WeightOnlyLinear` of int8 weights (the same buffers and state dict) whose product quantizes
-    the activations per row too and runs an int8 GEMM: `ops.weight_only.int8_dynamic_linear`, with
-    input columns beyond `threshold` in the compute dtype (LLM.int8's outlier decomposition)."""
+    the activations per row too and runs an int8 GEMM: `ops.weight_only.int8_dynamic_linear`; with
+    `threshold` > 0, input columns beyond it in the compute dtype (LLM.int8's outlier
+    decomposition; 6.0 is bitsandbytes' value)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int8",
-                 device: torch.device | str | None = None, threshold: float = INT8_OUTLIER_THRESHOLD):
+                 device: torch.device | str | None = None, threshold: float = 0.0):
         if fmt != "int8":
             raise ValueError(f"fmt: Int8DynamicLinear multiplies int8 weights, expected 'int8', found {fmt!r}")
         super().__init__(in_features, out_features, bias=bias, fmt=fmt, device=device)

@@ -14,10 +14,11 @@ the fly.
 
 Dynamic int8 (`int8_dynamic_linear`): the activations too are quantized per row to int8 on the
 fly and the product is an int8 GEMM with exact int32 sums (`torch._int_mm`: oneDNN's AMX-INT8 /
-VNNI kernels on CPU, cuBLASLt IMMA on CUDA), LLM.int8's algorithm (vector-wise scales, input
-columns holding an outlier beyond a threshold multiplied in 16-bit) with no dequantized copy of
-the weight. The backward quantizes the output gradient per row the same way. On a 2-core AMX
-Xeon at the 7B shapes it takes about bf16's time (`benchmarks/results/xeon-amx/`).
+VNNI kernels on CPU, cuBLASLt IMMA on CUDA), with no dequantized copy of the weight: torchao's
+int8 dynamic scheme (per-row activation scales, per-output-row weight scales), and optionally
+LLM.int8's outlier decomposition (`threshold`). The CPU backward quantizes the output gradient
+per row the same way. On a 2-core AMX Xeon at the 7B shapes forward and input gradient take
+about bf16's time (`benchmarks/results/xeon-amx/quant_gemm_cpu.md`).
 
 The weights are frozen: backward computes the input's gradient (and the bias's, when it
 requires one), never a weight gradient.
@@ -95,13 +96,6 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-INT8_OUTLIER_THRESHOLD = 6.0
-"""Magnitude beyond which an input column of `int8_dynamic_linear` counts as an outlier and is
-multiplied in the compute dtype: LLM.int8's default (bitsandbytes' `llm_int8_threshold`). Large
-models' hidden states carry a few feature dimensions of such magnitude; quantized with the rest
-of their row they would take the other features' precision."""
-
-
 def int_mm_supported(rows: int, k: int, n: int, device: torch.device) -> bool:
     """Whether `torch._int_mm` multiplies `(rows, k) @ (k, n)` int8 matrices on `device`: any shape
     on CPU; on CUDA more than 16 rows and `k`, `n` multiples of 8 (cuBLASLt's int8 layouts)."""
@@ -125,22 +119,25 @@ def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
 
 
 def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                        *, threshold: float = INT8_OUTLIER_THRESHOLD) -> torch.Tensor:
+                        *, threshold: float = 0.0) -> torch.Tensor:
     """`x (..., K) @ (diag(scale) q)^T + bias` -> `(..., N)` in the compute dtype, as an int8 GEMM:
     each row of `x` quantized to int8 with its own scale (largest magnitude -> 127, round to
-    nearest), int32 sums, both scales applied to the float32 result. Backward quantizes each row of
-    `grad (..., N) diag(scale)` the same way and multiplies it with `q`: the input's gradient
-    carries the same kind of rounding as the output.
+    nearest), int32 sums, both scales applied to the float32 result. Backward on CPU quantizes each
+    row of `grad (..., N) diag(scale)` the same way and multiplies it with `q`: the input's
+    gradient carries the same kind of rounding as the output (on CUDA it is the weight-only one).
 
     Args:
         x: activations `(..., K)`.
         q: frozen int8 weight `(N, K)` from `quantize_rowwise(w, "int8")`.
         scale: `(N,)` float32 row scales.
         bias: `(N,)` or None.
-        threshold: input columns holding a magnitude above it are left out of the int8 product and
-            multiplied in the compute dtype against their dequantized weight columns (LLM.int8's
-            decomposition; found from the rows' maxima, which the quantization computes anyway:
-            one host sync on CUDA); 0 turns it off.
+        threshold: > 0: input columns holding a magnitude above it are left out of the int8
+            product and multiplied in the compute dtype against their dequantized weight columns
+            (LLM.int8's decomposition; bitsandbytes uses 6.0). Found from the rows' maxima, which
+            the quantization computes anyway (one host sync on CUDA), but each such column is
+            gathered from every row of `q`: cheap for the few systematic outlier features of a
+            trained LLM, a second pass over the weight for a random one, whose products exceed 6
+            in hundreds of columns. 0 (the default, torchao's int8 dynamic scheme): none.
     Where `torch._int_mm` does not take the shape (`int_mm_supported`), the weight-only product.
     """
     if not threshold >= 0:
@@ -179,7 +176,9 @@ class _EightBitLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, n)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if ctx.dynamic and int_mm_supported(g2.shape[0], n, k, g2.device):
+            # CUDA's int8 GEMM is fast only with a column-major second operand, and q as stored is
+            # row-major for this product (a transposed copy would double the weight's memory).
+            if ctx.dynamic and g2.device.type == "cpu":
                 grad_x = _int8_matmul_t(g2, q, scale, g2.dtype)
             else:
                 grad_x = _dequantized_matmul_t(g2, q, scale, g2.dtype)

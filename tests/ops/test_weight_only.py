@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from deepmlf_fast.layers.weight_only import Int8DynamicLinear, WeightOnlyLinear
 from deepmlf_fast.ops import weight_only
-from deepmlf_fast.ops.weight_only import dequantize_rowwise, int8_dynamic_linear, quantize_rowwise, weight_only_linear
+from deepmlf_fast.ops.weight_only import dequantize_rowwise, int8_dynamic_linear, int_mm_supported, quantize_rowwise, \
+    weight_only_linear
 
 
 def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -169,7 +170,7 @@ def test_int8_dynamic_is_the_exact_sum_of_int8_rows_with_outlier_columns_apart(d
     x.requires_grad_()
     bias = torch.randn(n, dtype=dtype, requires_grad=True)
     g = torch.randn(2, m, n, dtype=dtype)
-    y = int8_dynamic_linear(x, q, s, bias, threshold=threshold)
+    y = int8_dynamic_linear(x, q, s, bias, threshold=threshold) if threshold else int8_dynamic_linear(x, q, s, bias)
     y.backward(g)
     assert y.dtype == dtype and y.shape == (2, m, n) and x.grad.dtype == dtype
 
@@ -215,3 +216,8 @@ def test_int8_dynamic_under_autocast_and_its_layer():
         Int8DynamicLinear(64, 48, fmt="fp8")
     with pytest.raises(ValueError, match="threshold: expected a magnitude >= 0, found -1.0"):
         int8_dynamic_linear(x, layer.qweight, layer.weight_scale, threshold=-1.0)
+    # cuBLASLt's int8 GEMM takes more than 16 rows and widths in multiples of 8; the CPU any shape.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert int_mm_supported(17, 64, 48, cuda) and not int_mm_supported(16, 64, 48, cuda)
+    assert not int_mm_supported(17, 60, 48, cuda) and not int_mm_supported(17, 64, 44, cuda)
+    assert int_mm_supported(1, 3, 5, cpu) and not int_mm_supported(32, 64, 64, torch.device("mps"))
