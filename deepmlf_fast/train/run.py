@@ -90,7 +90,11 @@ class Session:
     `with_model`), and the data must have the feature widths its AV encoder was built for.
     `on_batch`: callbacks every training micro-batch of both stages reaches (`loop.OnBatch`).
     `test_predictions[seed]`: the test split's `predict_split` arrays of each seed trained in
-    this session (its best weights), which the closing report draws instead of predicting again."""
+    this session (its best weights), which the closing report draws instead of predicting again.
+    `trained_models[seed]`: the model of a one-seed, one-process run without DeepSpeed as
+    training left it (its best weights, gradients dropped), which `load_run` hands back instead
+    of building a second one (at 7B, 1.6 GB of MM blocks and the best weights read beside them:
+    the run's peak)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, data: MMSAData | None = None,
                  model: DeepMLF | None = None, tokenizer=None, on_batch: Sequence[OnBatch] = ()):
@@ -98,6 +102,7 @@ class Session:
         self.model = model
         self.on_batch = tuple(on_batch)
         self.test_predictions: dict[int, dict[str, np.ndarray]] = {}
+        self.trained_models: dict[int, DeepMLF] = {}
         cfg = dataclasses.replace(cfg, resolved=resolve_run(cfg, device))
         self.data = data if data is not None else load_run_data(cfg)
         # A file of unlabelled samples stands in for every split: count and tokenise it once.
@@ -293,6 +298,11 @@ def _run_seed(session: Session, seed: int, run_dir: RunDir) -> dict:
     predictions = predict_split(net, session.loader("test", cfg.train.eval_batch_size, False), session.eval_ctx,
                                 desc="test")
     session.test_predictions[seed] = predictions
+    # Kept only when no other seed trains after it in this session (it would hold its memory
+    # through their training) and no engine reshaped its parameters.
+    if list(cfg.train.seeds) == [seed] and not cfg.train.deepspeed and not distributed.is_distributed():
+        model.zero_grad(set_to_none=True)
+        session.trained_models[seed] = model
     test = split_metrics(predictions, cfg.data.dataset)
     log.info("seed %d test: %s", seed, format_metrics({k: test[k] for k in metric_keys(cfg.data.dataset)}))
     result = {
@@ -330,7 +340,8 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
     session for `deepmlf eval` / `predict` / `report`. -> (session, model). `require_labels=False`
     (predict) also reads a data file of new samples without labels. `session`: the one that
     trained the run (`run_training`'s), whose backbone and data are reused instead of loaded
-    again (a 7B backbone is not built twice); `device` and `data_path` are then its own."""
+    again (a 7B backbone is not built twice), and its trained model when it kept it
+    (`Session.trained_models`); `device` and `data_path` are then its own."""
     rd = RunDir(run_dir)
     cfg = session.cfg if session is not None else rd.read_config()
     if session is None and data_path is not None:
@@ -342,8 +353,10 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
     if session is None:
         dataset_spec(cfg.data.dataset)
         session = Session(cfg, device, load_run_data(cfg, require_labels))
-    model = session.new_model(seed)
-    model.load_trained_state_dict(load_weights(rd.best(seed)))
+    model = session.trained_models.get(seed)  # fit left its best weights loaded: the same as reading them
+    if model is None:
+        model = session.new_model(seed)
+        model.load_trained_state_dict(load_weights(rd.best(seed)))
     return session, model
 
 

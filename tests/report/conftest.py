@@ -41,3 +41,9 @@ def demo_run(tmp_path_factory):
     (out.parent / "backbone_loads").write_text(str(len(loads)))
     (out.parent / "predictions").write_text(" ".join(map(str, predictions)))
     return out
+
+
+@pytest.fixture
+def tiny_demo() -> list[str]:
+    """`TINY_DEMO`'s arguments, for a test's own run."""
+    return list(TINY_DEMO)

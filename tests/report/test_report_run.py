@@ -130,6 +130,29 @@ def test_train_reports_with_its_own_backbone_and_matches_a_fresh_report(demo_run
             np.testing.assert_array_equal(ours[key], fresh[key])
 
 
+def test_a_one_seed_run_reports_with_the_model_it_trained(tmp_path, monkeypatch, tiny_demo):
+    """One seed in one process: the closing report draws with the model training left at its best
+    weights (no second DeepMLF built around the backbone: at 7B that was the run's memory peak),
+    and draws exactly what a fresh `deepmlf report` of the run draws."""
+    from deepmlf_fast.train import run
+
+    built = []
+    new_model = run.Session.new_model
+    monkeypatch.setattr(run.Session, "new_model", lambda self, seed: built.append(seed) or new_model(self, seed))
+    out = tmp_path / "one"
+    assert main(["-q", "train", *tiny_demo, "--epochs", "2", "--no-pretrain", "--seeds", "3",
+                 "--output-dir", str(out)]) == 0
+    assert built == [3]  # the one training built
+    fresh = tmp_path / "fresh"
+    assert main(["-q", "report", str(out), "--out", str(fresh)]) == 0
+    assert built == [3, 3]  # the report command rebuilt it from the best weights
+    for name in ("attention.npz", "predictions.npz"):
+        ours, again = np.load(out / "report" / name), np.load(fresh / "report" / name)
+        assert sorted(ours.files) == sorted(again.files)
+        for key in ours.files:
+            np.testing.assert_array_equal(ours[key], again[key])
+
+
 def test_report_of_an_unfinished_run_fails_cleanly(demo_run, tmp_path, capsys):
     other = tmp_path / "unfinished"
     shutil.copytree(demo_run, other, ignore=shutil.ignore_patterns("report*", "results.json"))
