@@ -120,12 +120,12 @@ def load_backbone(
     names a `--quant` method of `backbones.quantize` for the decoder's linears ("none" keeps
     them dense). `random_init` builds the architecture with random weights (the preset's
     dimensions, or the local config when present). Random weights, and a safetensors
-    checkpoint quantized weight-only, are built one decoder layer at a time
+    checkpoint quantized by a torch-only method, are built one decoder layer at a time
     (`backbones.stream`): peak memory is the final footprint plus one dense layer.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from deepmlf_fast.backbones.quantize import WeightOnlyConfig, quantization_config, quantize_linear_layers
+    from deepmlf_fast.backbones.quantize import TorchQuantConfig, quantization_config, quantize_linear_layers
     from deepmlf_fast.backbones.stream import build_streamed, safetensors_files
 
     resolved = resolve_backbone(name_or_path, random_init=random_init)
@@ -146,18 +146,18 @@ def load_backbone(
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     config._attn_implementation = attn
     spec = arch_for(config.model_type)
-    weight_only = isinstance(qconfig, WeightOnlyConfig)
-    if random_init or weight_only and safetensors_files(resolved.path) is not None:
+    torch_method = isinstance(qconfig, TorchQuantConfig)
+    if random_init or torch_method and safetensors_files(resolved.path) is not None:
         model = build_streamed(config, spec, dtype, device, qconfig, checkpoint=None if random_init else resolved.path)
     else:
         kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=attn)
-        if qconfig is not None and not weight_only:  # bitsandbytes: transformers quantizes while loading
+        if qconfig is not None and not torch_method:  # bitsandbytes: transformers quantizes while loading
             kwargs["quantization_config"] = qconfig
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-        if qconfig is None or weight_only:
+        if qconfig is None or torch_method:
             model.to(device)
-        if weight_only:  # a .bin checkpoint: loaded dense, then quantized
+        if torch_method:  # a .bin checkpoint: loaded dense, then quantized
             quantize_linear_layers(model, qconfig, device=device)
     model.requires_grad_(False)
     fuse_elementwise(model)

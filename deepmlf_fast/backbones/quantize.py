@@ -9,7 +9,7 @@
 | `int8-dynamic` | int8 + fp32 row scale | activations int8 per row, int8 GEMM (int32 sums) | `layers.Int8DynamicLinear` |
 
 Checkpoints loaded with a bitsandbytes method are quantized while loading, through
-transformers' `BitsAndBytesConfig`; every other build (random weights, the weight-only
+transformers' `BitsAndBytesConfig`; every other build (random weights, the torch-only
 methods) quantizes here, one decoder layer at a time, with transformers' rules: every
 `nn.Linear` (and GPT-2 `Conv1D`) of the decoder is replaced; the output embedding
 (`lm_head`), the input embeddings, norms and any module named in `skip_modules` /
@@ -37,8 +37,8 @@ freed memory to the kernel (`train.run.Session`): a 7B run must fit the machine 
 
 
 @dataclass(frozen=True)
-class WeightOnlyConfig:
-    """A method of this package's own 8-bit layers (no bitsandbytes): `fmt` of
+class TorchQuantConfig:
+    """A torch-only method (this package's own 8-bit layers, no bitsandbytes): `fmt` of
     `ops.weight_only.FORMATS`, `dynamic` for activations quantized per row too
     (`Int8DynamicLinear`), modules left dense by name."""
 
@@ -52,28 +52,28 @@ class WeightOnlyConfig:
         return Int8DynamicLinear if self.dynamic else WeightOnlyLinear
 
 
-WEIGHT_ONLY = {"int8-weight-only": WeightOnlyConfig("int8"), "fp8": WeightOnlyConfig("fp8"),
-               "int8-dynamic": WeightOnlyConfig("int8", dynamic=True)}
+TORCH_METHODS = {"int8-weight-only": TorchQuantConfig("int8"), "fp8": TorchQuantConfig("fp8"),
+               "int8-dynamic": TorchQuantConfig("int8", dynamic=True)}
 """`--quant` method (`config.QuantName`) -> its configuration, for the methods built here."""
 
 
 def quantization_config(method: str, dtype: torch.dtype):
-    """`--quant` method -> its configuration: None for "none", a `WeightOnlyConfig`, or a
+    """`--quant` method -> its configuration: None for "none", a `TorchQuantConfig`, or a
     `transformers.BitsAndBytesConfig` (bitsandbytes must be installed)."""
     known = choices("model.quant")
     if method not in known:
         raise BackboneError(f"model.quant: expected one of {list(known)}, found {method!r}")
     if method == "none":
         return None
-    if method in WEIGHT_ONLY:
-        return WEIGHT_ONLY[method]
+    if method in TORCH_METHODS:
+        return TORCH_METHODS[method]
     try:
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise BackboneError(
             f"model.quant: {method!r} needs bitsandbytes (pip install 'deepmlf-fast[quant]'); "
-            f"{', '.join(repr(m) for m in WEIGHT_ONLY)} need nothing beyond torch"
+            f"{', '.join(repr(m) for m in TORCH_METHODS)} need nothing beyond torch"
         ) from None
     if method == "llm-int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -90,11 +90,11 @@ def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.d
 
     Args:
         model: a transformers causal LM, or one of its decoder layers (weights in any float dtype).
-        quant_config: a `WeightOnlyConfig` or a `transformers.BitsAndBytesConfig` with
+        quant_config: a `TorchQuantConfig` or a `transformers.BitsAndBytesConfig` with
             `load_in_8bit` or `load_in_4bit`.
         device: where the quantized layers live (default CPU). Layers are converted one at
             a time, so peak memory is the model plus one layer's dense copy.
-        prepared: `prepare_weight_only`'s empty layers for these linears, to fill instead of
+        prepared: `prepare_torch_layers`'s empty layers for these linears, to fill instead of
             allocating new ones.
     Returns:
         `model`, with `WeightOnlyLinear` / `Int8DynamicLinear`, `Linear8bitLt` (LLM.int8: int8 weights, fp32 row
@@ -116,7 +116,7 @@ def quantize_linear_layers(model: nn.Module, quant_config, device: str | torch.d
     return model
 
 
-def prepare_weight_only(module: nn.Module, quant_config: WeightOnlyConfig, device: torch.device) -> dict[str, nn.Module]:
+def prepare_torch_layers(module: nn.Module, quant_config: TorchQuantConfig, device: torch.device) -> dict[str, nn.Module]:
     """Empty `WeightOnlyLinear`s (or `Int8DynamicLinear`s), allocated now on `device`, for the linears `quantize_linear_layers`
     would replace in `module` (which may still be on the meta device): `{name: layer}`.
 
@@ -142,7 +142,7 @@ def _skipped(name: str, skip: set[str]) -> bool:
 
 
 def _quantized(module: nn.Module, quant_config, device: torch.device) -> nn.Module:
-    if isinstance(quant_config, WeightOnlyConfig):
+    if isinstance(quant_config, TorchQuantConfig):
         return quant_config.layer.empty_like(module, quant_config.fmt, device).quantize_from(module)
     import bitsandbytes as bnb
 

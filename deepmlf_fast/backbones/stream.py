@@ -54,7 +54,7 @@ def build_streamed(config, spec: ArchSpec, dtype: torch.dtype, device: torch.dev
     """
     from transformers import AutoModelForCausalLM
 
-    from deepmlf_fast.backbones.quantize import WeightOnlyConfig, prepare_weight_only, quantize_linear_layers
+    from deepmlf_fast.backbones.quantize import TorchQuantConfig, prepare_torch_layers, quantize_linear_layers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -70,8 +70,8 @@ def build_streamed(config, spec: ArchSpec, dtype: torch.dtype, device: torch.dev
         for module in rest:
             _fill(model, [module], names, device, made, files)
         for layer in layers:
-            prepared = prepare_weight_only(layer, quant_config, device) \
-                if isinstance(quant_config, WeightOnlyConfig) else None
+            prepared = prepare_torch_layers(layer, quant_config, device) \
+                if isinstance(quant_config, TorchQuantConfig) else None
             # A copy per layer: its dense tensors must not outlive the layer's quantization.
             _fill(model, list(layer.modules()), names, device, dict(made), files)
             if quant_config is not None:

@@ -84,6 +84,8 @@ class Int8DynamicLinear(WeightOnlyLinear):
                  device: torch.device | str | None = None, threshold: float = 0.0):
         if fmt != "int8":
             raise ValueError(f"fmt: Int8DynamicLinear multiplies int8 weights, expected 'int8', found {fmt!r}")
+        if not threshold >= 0:
+            raise ValueError(f"threshold: expected a magnitude >= 0, found {threshold!r}")
         super().__init__(in_features, out_features, bias=bias, fmt=fmt, device=device)
         self.threshold = threshold
 

@@ -122,7 +122,8 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
                         *, threshold: float = 0.0) -> torch.Tensor:
     """`x (..., K) @ (diag(scale) q)^T + bias` -> `(..., N)` in the compute dtype, as an int8 GEMM:
     each row of `x` quantized to int8 with its own scale (largest magnitude -> 127, round to
-    nearest), int32 sums, both scales applied to the float32 result. Backward on CPU quantizes each
+    nearest), int32 sums (exact while K < 133,153: 127^2 K fits in int32; Llama-7B's widest
+    K is 11,008), both scales applied to the float32 result. Backward on CPU quantizes each
     row of `grad (..., N) diag(scale)` the same way and multiplies it with `q`: the input's
     gradient carries the same kind of rounding as the output (on CUDA it is the weight-only one).
 
@@ -131,7 +132,7 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
         q: frozen int8 weight `(N, K)` from `quantize_rowwise(w, "int8")`.
         scale: `(N,)` float32 row scales.
         bias: `(N,)` or None.
-        threshold: > 0: input columns holding a magnitude above it are left out of the int8
+        threshold: > 0: input columns holding a magnitude of at least it are left out of the int8
             product and multiplied in the compute dtype against their dequantized weight columns
             (LLM.int8's decomposition; bitsandbytes uses 6.0). Found from the rows' maxima, which
             the quantization computes anyway (one host sync on CUDA), but each such column is
@@ -275,15 +276,15 @@ def _fp8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: t
 def _quantize_rows_(a: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`a (M, K)` float32, overwritten -> `(q (M, K) int8, scale (M, 1) float32, cols (C,) int64)` with
     `a ~= scale * q` outside `cols`: each row's largest magnitude maps to 127, the float32 quotient
-    rounded to nearest (|q| <= 127). `cols` are the columns holding a magnitude above `threshold`
-    (> 0), zeroed in `q` and left out of the scales; found from the row maxima, so a matrix
+    rounded to nearest (|q| <= 127). `cols` are the columns holding a magnitude of at least
+    `threshold` (> 0; bitsandbytes' comparison), zeroed in `q` and left out of the scales; found from the row maxima, so a matrix
     without one pays nothing more (one host sync on CUDA)."""
     mag = a.abs()
     amax = mag.amax(dim=1, keepdim=True)
     cols = torch.empty(0, dtype=torch.long, device=a.device)
-    if threshold > 0 and bool((amax > threshold).any()):
-        hot = (amax.squeeze(1) > threshold).nonzero().squeeze(1)
-        cols = (mag[hot].amax(dim=0) > threshold).nonzero().squeeze(1)
+    if threshold > 0 and bool((amax >= threshold).any()):
+        hot = (amax.squeeze(1) >= threshold).nonzero().squeeze(1)
+        cols = (mag[hot].amax(dim=0) >= threshold).nonzero().squeeze(1)
         a.index_fill_(1, cols, 0.0)
         amax = mag.index_fill_(1, cols, 0.0).amax(dim=1, keepdim=True)
     scale = amax.div_(127.0).clamp_min_(torch.finfo(torch.float32).tiny)
@@ -294,7 +295,8 @@ def _int8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: 
                  threshold: float) -> torch.Tensor:
     """`x2 (M, K) @ W^T` -> `(M, N)`: x quantized per row, an int8 GEMM, outlier columns (any
     magnitude above `threshold` > 0) multiplied apart in `dtype`."""
-    xq, xs, cols = _quantize_rows_(x2.to(torch.float32, copy=True), threshold)
+    # Row-major whatever x's layout: CUDA's int8 GEMM wants its first operand so.
+    xq, xs, cols = _quantize_rows_(x2.to(torch.float32, copy=True, memory_format=torch.contiguous_format), threshold)
     # Scaled in float32 (int32 sums can exceed bf16's 8 significant bits), one rounding to dtype.
     y = torch._int_mm(xq, q.t()).to(torch.float32).mul_(xs).mul_(scale)
     if cols.numel():
@@ -306,5 +308,5 @@ def _int8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: 
 def _int8_matmul_t(g2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`g2 (M, N) @ W` = `(g2 diag(scale)) @ q` -> `(M, K)`, the scaled gradient quantized per row,
     an int8 GEMM against `q` as stored (no transposed copy)."""
-    gq, gs, _ = _quantize_rows_(g2.to(torch.float32, copy=True).mul_(scale))
+    gq, gs, _ = _quantize_rows_(g2.to(torch.float32, copy=True, memory_format=torch.contiguous_format).mul_(scale))
     return torch._int_mm(gq, q).to(torch.float32).mul_(gs).to(dtype)

@@ -92,7 +92,7 @@ class Session:
     `test_predictions[seed]`: the test split's `predict_split` arrays of each seed trained in
     this session (its best weights), which the closing report draws instead of predicting again.
     `trained_models[seed]`: the model of a one-seed, one-process run without DeepSpeed as
-    training left it (its best weights, gradients dropped), which `load_run` hands back instead
+    training left it (its best weights, gradients dropped), which `load_run` takes over instead
     of building a second one (at 7B, 1.6 GB of MM blocks and the best weights read beside them:
     the run's peak)."""
 
@@ -128,7 +128,7 @@ class Session:
             self.backbone = LoadedBackbone(model.lm, tokenizer, model.spec, model.pad_id, m.backbone)
         if device.type == "cpu" and m.quant in WHOLE_WEIGHT_COPIES:
             log.info("--quant %s on CPU: freed memory goes back to the kernel (faster steps would cost several GiB "
-                     "of heap fragmentation at 7B; --quant int8-weight-only has both)", m.quant)
+                     "of heap fragmentation at 7B; --quant int8-dynamic and int8-weight-only have both)", m.quant)
         elif device.type == "cpu":
             # Only now: while a backbone is built layer by layer, freed dense layers must go back
             # to the kernel (glibc's default for large blocks), or the build's peak grows with them.
@@ -336,12 +336,13 @@ def aggregate(per_seed: dict, cfg: RunConfig) -> dict:
 
 def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None, data_path: str | None = None,
              require_labels: bool = True, session: Session | None = None):
-    """Rebuild a finished run's model (best weights of `seed`, default the first) and its data
+    """Rebuild (or take over) a finished run's model (best weights of `seed`, default the first) and its data
     session for `deepmlf eval` / `predict` / `report`. -> (session, model). `require_labels=False`
     (predict) also reads a data file of new samples without labels. `session`: the one that
     trained the run (`run_training`'s), whose backbone and data are reused instead of loaded
-    again (a 7B backbone is not built twice), and its trained model when it kept it
-    (`Session.trained_models`); `device` and `data_path` are then its own."""
+    again (a 7B backbone is not built twice), and whose kept trained model
+    (`Session.trained_models`) is handed over instead of rebuilt, once; `device` and
+    `data_path` are then its own."""
     rd = RunDir(run_dir)
     cfg = session.cfg if session is not None else rd.read_config()
     if session is None and data_path is not None:
@@ -353,7 +354,7 @@ def load_run(run_dir: str | Path, device: torch.device, seed: int | None = None,
     if session is None:
         dataset_spec(cfg.data.dataset)
         session = Session(cfg, device, load_run_data(cfg, require_labels))
-    model = session.trained_models.get(seed)  # fit left its best weights loaded: the same as reading them
+    model = session.trained_models.pop(seed, None)  # fit left its best weights loaded: the same as reading them
     if model is None:
         model = session.new_model(seed)
         model.load_trained_state_dict(load_weights(rd.best(seed)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepmlf_fast.backbones.load import load_backbone
-from deepmlf_fast.backbones.quantize import WEIGHT_ONLY, quantization_config, quantize_linear_layers
+from deepmlf_fast.backbones.quantize import TORCH_METHODS, quantization_config, quantize_linear_layers
 from deepmlf_fast.config import AVPretrainConfig, DataConfig, OptimConfig, RunConfig, choices
 from deepmlf_fast.errors import BackboneError
 from deepmlf_fast.layers.weight_only import WeightOnlyLinear
@@ -19,20 +19,21 @@ from deepmlf_fast.train.run import train_run
 
 from helpers import make_batch, tiny_model_config, tiny_run_config
 
-AGAINST_DENSE = {"int8-weight-only": 0.15, "fp8": 0.6, "int8-dynamic": 0.15}
+AGAINST_DENSE = {"int8-weight-only": 0.15, "fp8": 0.6, "int8-dynamic": 0.25}
 """Largest relative error (norm of the difference over the dense norm) of DeepMLF's predictions
 and trained gradients against the original dense backbone: a sanity bound, measured on the tiny
-random checkpoint over seeds 0-2 at 0.005-0.075 (int8) and 0.015-0.32 (fp8; e4m3 keeps 3
-mantissa bits; predictions near zero make the worst ratios), 0.008-0.043 (int8-dynamic). The
+random checkpoint over seeds 0-2 at 0.005-0.075 (int8-weight-only), 0.015-0.32 (fp8; e4m3 keeps 3
+mantissa bits) and 0.008-0.125 (int8-dynamic); predictions near zero make the worst ratios. The
 close check is against the dense backbone holding the dequantized weights (`AGAINST_DEQUANTIZED`)."""
 AGAINST_DEQUANTIZED = {"int8-weight-only": 1e-4, "fp8": 1e-4, "int8-dynamic": 0.1}
 """The same against a dense backbone holding exactly the dequantized weights: the weight-only
-methods multiply those weights (fp32 rounding only); int8-dynamic also rounds each row of the
-activations and output gradients to int8, measured at 0.005-0.037 over seeds 0-2."""
+methods multiply those weights (fp32 rounding only, measured below 2.4e-6); int8-dynamic also
+rounds each row of the activations and output gradients to int8, measured at 0.005-0.057 over
+seeds 0-2."""
 
 
 def test_methods_are_the_config_choices_and_old_configs_keep_their_quantization():
-    assert set(choices("model.quant")) == {"none", "llm-int8", "nf4", *WEIGHT_ONLY}
+    assert set(choices("model.quant")) == {"none", "llm-int8", "nf4", *TORCH_METHODS}
     with pytest.raises(BackboneError, match=r"model.quant: expected one of .*found 'int4'"):
         quantization_config("int4", torch.float32)
     # A config.json written before `model.quant` (a run to resume or report) reads as its method.
@@ -61,7 +62,7 @@ def test_checkpoint_is_streamed_into_the_bytes_of_quantizing_the_loaded_model(ba
     for key in w:
         assert torch.equal(s[key], w[key]), key
     kinds = {type(m).__name__ for m in streamed.modules()}
-    assert WEIGHT_ONLY[quant].layer.__name__ in kinds and "Linear" in kinds  # lm_head stays dense
+    assert TORCH_METHODS[quant].layer.__name__ in kinds and "Linear" in kinds  # lm_head stays dense
     assert streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight
     assert all(not p.requires_grad for p in streamed.parameters())
 

@@ -198,6 +198,30 @@ def test_int8_dynamic_is_the_exact_sum_of_int8_rows_with_outlier_columns_apart(d
     assert _err(mixed[rows], exact[rows]) * 4 < _err(plain[rows], exact[rows])
 
 
+def test_int8_dynamic_zero_rows_give_the_bias_and_unsupported_shapes_the_weight_only_product(monkeypatch):
+    torch.manual_seed(5)
+    q, s = quantize_rowwise(torch.randn(24, 40), "int8")
+    bias = torch.randn(24)
+    x = torch.randn(6, 40, dtype=torch.bfloat16)
+    x[2] = 0.0
+    before = x.clone()
+    y = int8_dynamic_linear(x, q, s, bias.bfloat16())
+    assert torch.equal(x, before)  # the input is never written
+    assert torch.equal(y[2], bias.bfloat16()) and torch.isfinite(y).all()
+    # Where torch._int_mm does not take a shape (CUDA: 16 rows or fewer), the weight-only
+    # product, forward and backward.
+    monkeypatch.setattr(weight_only, "int_mm_supported", lambda rows, k, n, device: False)
+    monkeypatch.setattr(weight_only, "cpu_block_elements", lambda dtype: None)
+    xg = torch.randn(6, 40, requires_grad=True)
+    y = int8_dynamic_linear(xg, q, s)
+    y.backward(torch.ones_like(y))
+    xw = xg.detach().clone().requires_grad_()
+    yw = weight_only_linear(xw, q, s)
+    yw.backward(torch.ones_like(yw))
+    assert torch.equal(y, yw)
+    assert _err(xg.grad, xw.grad.double()) < 0.02  # the CPU backward stays int8
+
+
 def test_int8_dynamic_under_autocast_and_its_layer():
     torch.manual_seed(4)
     lin = nn.Linear(64, 48)
@@ -216,6 +240,8 @@ def test_int8_dynamic_under_autocast_and_its_layer():
         Int8DynamicLinear(64, 48, fmt="fp8")
     with pytest.raises(ValueError, match="threshold: expected a magnitude >= 0, found -1.0"):
         int8_dynamic_linear(x, layer.qweight, layer.weight_scale, threshold=-1.0)
+    with pytest.raises(ValueError, match="threshold: expected a magnitude >= 0, found nan"):
+        Int8DynamicLinear(64, 48, threshold=float("nan"))
     # cuBLASLt's int8 GEMM takes more than 16 rows and widths in multiples of 8; the CPU any shape.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert int_mm_supported(17, 64, 48, cuda) and not int_mm_supported(16, 64, 48, cuda)

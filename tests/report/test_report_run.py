@@ -133,7 +133,8 @@ def test_train_reports_with_its_own_backbone_and_matches_a_fresh_report(demo_run
 def test_a_one_seed_run_reports_with_the_model_it_trained(tmp_path, monkeypatch, tiny_demo):
     """One seed in one process: the closing report draws with the model training left at its best
     weights (no second DeepMLF built around the backbone: at 7B that was the run's memory peak),
-    and draws exactly what a fresh `deepmlf report` of the run draws."""
+    and draws exactly what a fresh `deepmlf report` of the run draws (the attention maps come
+    from the kept model; the predictions from training's test pass on both sides)."""
     from deepmlf_fast.train import run
 
     built = []

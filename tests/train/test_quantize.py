@@ -83,8 +83,8 @@ def test_quantized_checkpoint_backbone_initialises_and_trains_deepmlf(bits):
     assert torch.equal(src.weight.data.view(torch.uint8), frozen)
 
 
-@pytest.mark.parametrize("quant, keeps", [("llm-int8", False), ("nf4", False), ("int8-weight-only", True), ("int8-dynamic", True),
-                                          ("none", True)])
+@pytest.mark.parametrize("quant, keeps", [("llm-int8", False), ("nf4", False), ("int8-weight-only", True),
+                                          ("int8-dynamic", True), ("none", True)])
 def test_cpu_runs_keep_freed_memory_except_with_whole_weight_copies(tmp_path, monkeypatch, quant, keeps):
     """bitsandbytes' CPU products copy each whole weight per call; a heap that keeps freed memory
     fragments under them (7B LLM.int8: 22.9 GiB peak against 13.5), so those runs give it back."""

@@ -7,6 +7,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from deepmlf_fast.config import (
     AVEncoderConfig,
@@ -114,6 +115,29 @@ def test_a_nan_validation_metric_keeps_a_best_checkpoint_and_says_so(tmp_path, m
     assert (tmp_path / "run" / "seed_7" / "best.safetensors").is_file()
     assert "no epoch had a finite valid MAE: the weights kept are epoch 1's" in caplog.text
     assert "stage 1 epoch 1: valid L1 is nan" in caplog.text
+
+
+@pytest.mark.parametrize("verdicts, reads", [((True, True), 0), ((True, False), 1)])
+def test_stage_two_ends_at_the_best_weights_reading_them_back_only_when_memory_holds_others(
+        tmp_path, monkeypatch, verdicts, reads):
+    """Epoch 2 the best (its weights were just written): memory holds the best checkpoint's values
+    and the file is not read back (at 7B a second copy of every trained weight was the run's
+    memory peak); epoch 1 the best: read back. Either way the model ends equal to the file."""
+    from deepmlf_fast.train.run import run_training
+
+    answers = iter(verdicts)
+    monkeypatch.setattr(loop, "is_new_best", lambda *a: next(answers))
+    read = []
+    monkeypatch.setattr(loop, "load_weights", lambda path: read.append(path) or load_weights(path))
+    cfg = small_run(tmp_path, max_epochs=2, cosine_epochs=2)
+    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, enabled=False),
+                              data=dataclasses.replace(cfg.data, synthetic_sizes=(48, 16, 16)))
+    results, session = run_training(cfg)
+    assert results["per_seed"]["7"]["best_epoch"] == (2 if verdicts[1] else 1)
+    assert [p.name for p in read] == ["best.safetensors"] * reads
+    ended = session.trained_models[7].trained_state_dict()
+    best = load_weights(tmp_path / "run" / "seed_7" / "best.safetensors")
+    assert ended.keys() == best.keys() and all(torch.equal(ended[k], best[k]) for k in best)
 
 
 def _seed_result(seed: int) -> dict:
