@@ -97,9 +97,25 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def int_mm_supported(rows: int, k: int, n: int, device: torch.device) -> bool:
-    """Whether `torch._int_mm` multiplies `(rows, k) @ (k, n)` int8 matrices on `device`: any shape
-    on CPU; on CUDA more than 16 rows and `k`, `n` multiples of 8 (cuBLASLt's int8 layouts)."""
-    return device.type == "cpu" or (device.type == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0)
+    """Whether `torch._int_mm` multiplies `(rows, k) @ (k, n)` int8 matrices exactly on `device`:
+    on CPU any shape, where this process's int8 GEMM does not saturate (`cpu_int_mm_exact`); on
+    CUDA more than 16 rows and `k`, `n` multiples of 8 (cuBLASLt's int8 layouts)."""
+    if device.type == "cpu":
+        return cpu_int_mm_exact()
+    return device.type == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0
+
+
+@functools.lru_cache(maxsize=None)  # oneDNN fixes its ISA once per process
+def cpu_int_mm_exact() -> bool:
+    """Whether the CPU's `torch._int_mm` sums exactly, probed once on extreme values (a few
+    microseconds). oneDNN's kernels without VNNI or AMX-INT8 (an AVX2-only CPU, or
+    `ONEDNN_MAX_CPU_ISA=AVX2`) add pairs of u8 x s8 products in int16 and saturate: off by
+    whole units on ordinary activations. There `int8_dynamic_linear` takes the weight-only product."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 2, (64, 512), generator=gen, dtype=torch.int8).mul_(-2).add_(1).mul_(127)
+    b = torch.randint(0, 2, (512, 96), generator=gen, dtype=torch.int8).mul_(-2).add_(1).mul_(127)
+    a[0], b[:, 0] = 127, 127  # one all-positive dot product of the largest terms
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
 
 
 def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -179,7 +195,7 @@ class _EightBitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # CUDA's int8 GEMM is fast only with a column-major second operand, and q as stored is
             # row-major for this product (a transposed copy would double the weight's memory).
-            if ctx.dynamic and g2.device.type == "cpu":
+            if ctx.dynamic and g2.device.type == "cpu" and int_mm_supported(g2.shape[0], n, k, g2.device):
                 grad_x = _int8_matmul_t(g2, q, scale, g2.dtype)
             else:
                 grad_x = _dequantized_matmul_t(g2, q, scale, g2.dtype)
