@@ -17,7 +17,8 @@ fly and the product is an int8 GEMM with exact int32 sums (`torch._int_mm`: oneD
 VNNI kernels on CPU, cuBLASLt IMMA on CUDA), with no dequantized copy of the weight: torchao's
 int8 dynamic scheme (per-row activation scales, per-output-row weight scales), and optionally
 LLM.int8's outlier decomposition (`threshold`). The CPU backward quantizes the output gradient
-per row the same way. On a 2-core AMX Xeon at the 7B shapes forward and input gradient take
+per row the same way. A CPU whose int8 GEMM saturates (`cpu_int_mm_exact`) gets the weight-only
+product. On a 2-core AMX Xeon at the 7B shapes forward and input gradient take
 about bf16's time (`benchmarks/results/xeon-amx/quant_gemm_cpu.md`).
 
 The weights are frozen: backward computes the input's gradient (and the bias's, when it
@@ -107,8 +108,8 @@ def int_mm_supported(rows: int, k: int, n: int, device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)  # oneDNN fixes its ISA once per process
 def cpu_int_mm_exact() -> bool:
-    """Whether the CPU's `torch._int_mm` sums exactly, probed once on extreme values (a few
-    microseconds). oneDNN's kernels without VNNI or AMX-INT8 (an AVX2-only CPU, or
+    """Whether the CPU's `torch._int_mm` sums exactly, probed once per process on extreme values
+    (16 ms with oneDNN's start on the AMX Xeon). oneDNN's kernels without VNNI or AMX-INT8 (an AVX2-only CPU, or
     `ONEDNN_MAX_CPU_ISA=AVX2`) add pairs of u8 x s8 products in int16 and saturate: off by
     whole units on ordinary activations. There `int8_dynamic_linear` takes the weight-only product."""
     gen = torch.Generator().manual_seed(0)
