@@ -64,7 +64,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="activation checkpointing of the frozen LM blocks (less memory, ~15%% more time)")
     g.add_argument("--quant", choices=choices("model.quant"),
                    help="8-bit/4-bit frozen backbone linears: int8-dynamic (int8 weights and per-row int8 "
-                        "activations, int8 GEMM; the fastest 8-bit measured on CPU), int8-weight-only (int8 weights, "
+                        "activations, int8 GEMM; the fastest 8-bit measured on an AMX CPU), int8-weight-only (int8 weights, "
                         "dense GEMM; closest to bf16's numbers), fp8 (e4m3; an FP8 GEMM on sm_90+ GPUs), llm-int8, "
                         "nf4 (bitsandbytes)")
     g.add_argument("--load-in-8bit", action="store_true", help="same as --quant llm-int8")

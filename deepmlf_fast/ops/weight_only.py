@@ -109,9 +109,10 @@ def int_mm_supported(rows: int, k: int, n: int, device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)  # oneDNN fixes its ISA once per process
 def cpu_int_mm_exact() -> bool:
     """Whether the CPU's `torch._int_mm` sums exactly, probed once per process on extreme values
-    (16 ms with oneDNN's start on the AMX Xeon). oneDNN's kernels without VNNI or AMX-INT8 (an AVX2-only CPU, or
-    `ONEDNN_MAX_CPU_ISA=AVX2`) add pairs of u8 x s8 products in int16 and saturate: off by
-    whole units on ordinary activations. There `int8_dynamic_linear` takes the weight-only product."""
+    (16 ms with oneDNN's start on the AMX Xeon). oneDNN's kernels without VNNI or AMX-INT8 (an
+    AVX2-only CPU, or `ONEDNN_MAX_CPU_ISA=AVX2`) add pairs of u8 x s8 products in int16 and
+    saturate: off by whole units on ordinary activations. There `int8_dynamic_linear` takes the
+    weight-only product."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 2, (64, 512), generator=gen, dtype=torch.int8).mul_(-2).add_(1).mul_(127)
     b = torch.randint(0, 2, (512, 96), generator=gen, dtype=torch.int8).mul_(-2).add_(1).mul_(127)
@@ -156,7 +157,8 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
             gathered from every row of `q`: cheap for the few systematic outlier features of a
             trained LLM, a second pass over the weight for a random one, whose products exceed 6
             in hundreds of columns. 0 (the default, torchao's int8 dynamic scheme): none.
-    Where `torch._int_mm` does not take the shape (`int_mm_supported`), the weight-only product.
+    Where `torch._int_mm` is not exact on the device or does not take the shape
+    (`int_mm_supported`), the weight-only product.
     """
     if not threshold >= 0:
         raise ValueError(f"threshold: expected a magnitude >= 0, found {threshold!r}")
@@ -196,7 +198,7 @@ class _EightBitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # CUDA's int8 GEMM is fast only with a column-major second operand, and q as stored is
             # row-major for this product (a transposed copy would double the weight's memory).
-            if ctx.dynamic and g2.device.type == "cpu" and int_mm_supported(g2.shape[0], n, k, g2.device):
+            if ctx.dynamic and g2.device.type == "cpu" and cpu_int_mm_exact():
                 grad_x = _int8_matmul_t(g2, q, scale, g2.dtype)
             else:
                 grad_x = _dequantized_matmul_t(g2, q, scale, g2.dtype)
@@ -294,8 +296,8 @@ def _quantize_rows_(a: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tens
     """`a (M, K)` float32, overwritten -> `(q (M, K) int8, scale (M, 1) float32, cols (C,) int64)` with
     `a ~= scale * q` outside `cols`: each row's largest magnitude maps to 127, the float32 quotient
     rounded to nearest (|q| <= 127). `cols` are the columns holding a magnitude of at least
-    `threshold` (> 0; bitsandbytes' comparison), zeroed in `q` and left out of the scales; found from the row maxima, so a matrix
-    without one pays nothing more (one host sync on CUDA)."""
+    `threshold` (> 0; bitsandbytes' comparison), zeroed in `q` and left out of the scales; found
+    from the row maxima, so a matrix without one pays nothing more (one host sync on CUDA)."""
     mag = a.abs()
     amax = mag.amax(dim=1, keepdim=True)
     cols = torch.empty(0, dtype=torch.long, device=a.device)
@@ -310,8 +312,8 @@ def _quantize_rows_(a: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tens
 
 def _int8_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  threshold: float) -> torch.Tensor:
-    """`x2 (M, K) @ W^T` -> `(M, N)`: x quantized per row, an int8 GEMM, outlier columns (any
-    magnitude above `threshold` > 0) multiplied apart in `dtype`."""
+    """`x2 (M, K) @ W^T` -> `(M, N)`: x quantized per row, an int8 GEMM, outlier columns (a
+    magnitude of at least `threshold` > 0) multiplied apart in `dtype`."""
     # Row-major whatever x's layout: CUDA's int8 GEMM wants its first operand so.
     xq, xs, cols = _quantize_rows_(x2.to(torch.float32, copy=True, memory_format=torch.contiguous_format), threshold)
     # Scaled in float32 (int32 sums can exceed bf16's 8 significant bits), one rounding to dtype.
